@@ -1,0 +1,207 @@
+#include "common.h"
+
+#include <dlfcn.h>
+
+#include <filesystem>
+#include <sstream>
+
+namespace metapeft {
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+void check_float(const mx::array& a, const std::string& op, const std::string& name) {
+  auto d = a.dtype();
+  if (d != mx::float32 && d != mx::float16 && d != mx::bfloat16) {
+    std::ostringstream os;
+    os << "[metapeft." << op << "] " << name
+       << " must be float32, float16 or bfloat16, got " << d;
+    throw DtypeError(os.str());
+  }
+}
+
+mx::Dtype result_dtype(const std::vector<mx::array>& arrays) {
+  mx::Dtype d = arrays.at(0).dtype();
+  for (auto& a : arrays) {
+    d = mx::promote_types(d, a.dtype());
+  }
+  return d;
+}
+
+mx::array to_front(const mx::array& a, int axis, int size, mx::StreamOrDevice s) {
+  if (axis >= 0) {
+    return mx::moveaxis(a, axis, 0, s);
+  }
+  auto shape = a.shape();
+  shape.insert(shape.begin(), size);
+  return mx::broadcast_to(a, shape, s);
+}
+
+int vmap_size(const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) {
+      return inputs[i].shape(axes[i]);
+    }
+  }
+  throw std::invalid_argument("[metapeft] vmap called with no mapped input");
+}
+
+int64_t prod(const mx::Shape& shape, int begin, int end) {
+  int64_t p = 1;
+  for (int i = begin; i < end; ++i) {
+    p *= shape[i];
+  }
+  return p;
+}
+
+Operand operand(const mx::array& a) {
+  return {a.data<void>(), a.dtype(), a.shape(), a.strides(), a.flags().row_contiguous};
+}
+
+namespace {
+
+template <typename T>
+void gather_typed(
+    const T* src,
+    const mx::Shape& shape,
+    const mx::Strides& strides,
+    float* dst) {
+  int nd = shape.size();
+  int64_t n = 1;
+  for (auto d : shape) {
+    n *= d;
+  }
+  if (n == 0) {
+    return;
+  }
+  if (nd == 0) {
+    dst[0] = static_cast<float>(src[0]);
+    return;
+  }
+  int64_t inner = shape[nd - 1];
+  int64_t inner_stride = strides[nd - 1];
+  std::vector<int64_t> idx(nd, 0);
+  int64_t offset = 0;
+  for (int64_t done = 0; done < n; done += inner) {
+    const T* row = src + offset;
+    if (inner_stride == 1) {
+      for (int64_t j = 0; j < inner; ++j) {
+        dst[j] = static_cast<float>(row[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < inner; ++j) {
+        dst[j] = static_cast<float>(row[j * inner_stride]);
+      }
+    }
+    dst += inner;
+    for (int ax = nd - 2; ax >= 0; --ax) {
+      offset += strides[ax];
+      if (++idx[ax] < shape[ax]) {
+        break;
+      }
+      offset -= strides[ax] * shape[ax];
+      idx[ax] = 0;
+    }
+  }
+}
+
+template <typename T>
+void store_typed(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+} // namespace
+
+void gather_float(
+    const void* src,
+    mx::Dtype dtype,
+    const mx::Shape& shape,
+    const mx::Strides& strides,
+    float* dst) {
+  if (dtype == mx::float32) {
+    gather_typed(static_cast<const float*>(src), shape, strides, dst);
+  } else if (dtype == mx::float16) {
+    gather_typed(static_cast<const mx::float16_t*>(src), shape, strides, dst);
+  } else if (dtype == mx::bfloat16) {
+    gather_typed(static_cast<const mx::bfloat16_t*>(src), shape, strides, dst);
+  } else {
+    throw std::runtime_error("[metapeft] unsupported dtype reached a kernel");
+  }
+}
+
+void store_float(const float* src, void* dst, mx::Dtype dtype, int64_t n) {
+  if (dtype == mx::float32) {
+    std::copy(src, src + n, static_cast<float*>(dst));
+  } else if (dtype == mx::float16) {
+    store_typed(src, static_cast<mx::float16_t*>(dst), n);
+  } else if (dtype == mx::bfloat16) {
+    store_typed(src, static_cast<mx::bfloat16_t*>(dst), n);
+  } else {
+    throw std::runtime_error("[metapeft] unsupported dtype reached a kernel");
+  }
+}
+
+Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch) {
+  int nd = op.shape.size();
+  int first = batched ? 1 : 0;
+  int64_t batch = batched ? op.shape[0] : 1;
+  int64_t rows = prod(op.shape, first, nd - 1);
+  int64_t cols = nd > first ? op.shape[nd - 1] : 1;
+  if (op.dtype == mx::float32) {
+    // Collapse the row axes into one stride, ignoring axes of size 1.
+    int64_t row_stride = -1;
+    bool collapsible = true;
+    int64_t expected = -1;
+    for (int ax = nd - 2; ax >= first; --ax) {
+      if (op.shape[ax] == 1) {
+        continue;
+      }
+      if (row_stride < 0) {
+        row_stride = op.strides[ax];
+      } else if (op.strides[ax] != expected) {
+        collapsible = false;
+      }
+      expected = op.strides[ax] * op.shape[ax];
+    }
+    int64_t col_stride = cols > 1 ? op.strides[nd - 1] : 1;
+    int64_t batch_stride = batch > 1 ? op.strides[0] : 0;
+    bool row_major = (cols <= 1 || col_stride == 1) &&
+        (rows <= 1 || row_stride >= std::max<int64_t>(cols, 1));
+    bool col_major = (rows <= 1 || row_stride == 1) &&
+        (cols <= 1 || col_stride >= std::max<int64_t>(rows, 1));
+    if (collapsible && batch_stride >= 0 && (row_major || col_major)) {
+      auto data = static_cast<const float*>(op.ptr);
+      if (row_major) {
+        int ld = rows > 1 ? row_stride : std::max<int64_t>(cols, 1);
+        return {data, batch_stride, ld, false};
+      }
+      int ld = cols > 1 ? col_stride : std::max<int64_t>(rows, 1);
+      return {data, batch_stride, ld, true};
+    }
+  }
+  scratch.resize(batch * rows * cols);
+  gather_float(op.ptr, op.dtype, op.shape, op.strides, scratch.data());
+  return {scratch.data(), rows * cols, static_cast<int>(std::max<int64_t>(cols, 1)), false};
+}
+
+std::string binary_dir() {
+  static std::string dir = []() {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&binary_dir), &info)) {
+      throw std::runtime_error("[metapeft] cannot locate the extension binary");
+    }
+    return std::filesystem::path(info.dli_fname).parent_path().string();
+  }();
+  return dir;
+}
+
+} // namespace metapeft

@@ -1,0 +1,318 @@
+#include "linear/linear.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "blas.h"
+#include "mlx/backend/cpu/encoder.h"
+
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+#include "mlx/backend/metal/utils.h"
+#endif
+
+namespace metapeft {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[metapeft.linear] " + msg);
+}
+
+} // namespace
+
+mx::array linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s) {
+  check_float(x, "linear", "x");
+  check_float(weight, "linear", "weight");
+  if (weight.ndim() != 2 && weight.ndim() != 3) {
+    fail("weight must have shape (d_out, d_in) or (T, d_out, d_in), got " +
+         shape_str(weight.shape()));
+  }
+  bool per_task = weight.ndim() == 3;
+  int d_out = weight.shape(-2);
+  int d_in = weight.shape(-1);
+  if (x.ndim() < (per_task ? 2 : 1)) {
+    fail(std::string("x must have shape ") + (per_task ? "(T, ..., d_in)" : "(..., d_in)") +
+         ", got " + shape_str(x.shape()));
+  }
+  if (x.shape(-1) != d_in) {
+    fail("x has d_in=" + std::to_string(x.shape(-1)) + " but weight " +
+         shape_str(weight.shape()) + " expects d_in=" + std::to_string(d_in));
+  }
+  if (per_task && x.shape(0) != weight.shape(0)) {
+    fail("x has T=" + std::to_string(x.shape(0)) + " tasks but weight " +
+         shape_str(weight.shape()) + " has T=" + std::to_string(weight.shape(0)));
+  }
+  std::vector<mx::array> inputs = {x, weight};
+  if (bias) {
+    check_float(*bias, "linear", "bias");
+    auto& b = *bias;
+    bool ok = (b.ndim() == 1 && b.shape(0) == d_out) ||
+        (per_task && b.ndim() == 2 && b.shape(0) == weight.shape(0) && b.shape(1) == d_out);
+    if (!ok) {
+      fail("bias must have shape (" + std::to_string(d_out) + ",)" +
+           (per_task ? " or (" + std::to_string(weight.shape(0)) + ", " +
+                    std::to_string(d_out) + ")"
+                     : std::string()) +
+           ", got " + shape_str(b.shape()));
+    }
+    inputs.push_back(b);
+  }
+  auto shape = x.shape();
+  shape.back() = d_out;
+  auto dtype = result_dtype(inputs);
+  return mx::array(shape, dtype, std::make_shared<Linear>(mx::to_stream(s)), inputs);
+}
+
+void affine_cpu(
+    const Mat& x,
+    const Mat& w,
+    const float* bias,
+    int64_t bias_stride,
+    int64_t B,
+    int64_t M,
+    int64_t N,
+    int64_t K,
+    float* out) {
+  if (B == 0 || M == 0 || N == 0) {
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    float* o = out + b * M * N;
+    if (bias) {
+      const float* bb = bias + b * bias_stride;
+      for (int64_t m = 0; m < M; ++m) {
+        std::copy(bb, bb + N, o + m * N);
+      }
+    } else if (K == 0) {
+      std::fill(o, o + M * N, 0.0f);
+    }
+  }
+  if (K == 0) {
+    return;
+  }
+  float beta = bias ? 1.0f : 0.0f;
+  // One product over all B * M rows when the weight is shared and the rows of
+  // x are evenly spaced across the batch.
+  bool shared_w = B == 1 || w.batch_stride == 0;
+  if (shared_w && !x.trans && (B == 1 || x.batch_stride == M * x.ld)) {
+    blas::sgemm(false, !w.trans, B * M, N, K, 1.0f, x.data, x.ld, w.data, w.ld, beta, out, N);
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    blas::sgemm(
+        x.trans, !w.trans, M, N, K, 1.0f, x.at(b), x.ld, w.at(b), w.ld, beta, out + b * M * N, N);
+  }
+}
+
+void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+
+  bool per_task = inputs[1].ndim() == 3;
+  auto& xs = inputs[0].shape();
+  int nd = xs.size();
+  int64_t B = per_task ? xs[0] : 1;
+  int64_t M = prod(xs, per_task ? 1 : 0, nd - 1);
+  int64_t K = xs[nd - 1];
+  int64_t N = inputs[1].shape(-2);
+  std::optional<Operand> bias;
+  if (inputs.size() > 2) {
+    bias = operand(inputs[2]);
+  }
+  encoder.dispatch([x = operand(inputs[0]),
+                    w = operand(inputs[1]),
+                    bias,
+                    per_task,
+                    B,
+                    M,
+                    N,
+                    K,
+                    out_ptr = out.data<void>(),
+                    out_dtype = out.dtype()]() {
+    std::vector<float> sx, sw, sb, so;
+    Mat xm = as_mat(x, per_task, sx);
+    Mat wm = as_mat(w, per_task, sw);
+    const float* bp = nullptr;
+    int64_t b_stride = 0;
+    if (bias) {
+      sb.resize(prod(bias->shape, 0, bias->shape.size()));
+      gather_float(bias->ptr, bias->dtype, bias->shape, bias->strides, sb.data());
+      bp = sb.data();
+      b_stride = bias->shape.size() == 2 ? N : 0;
+    }
+    bool direct = out_dtype == mx::float32;
+    if (!direct) {
+      so.resize(B * M * N);
+    }
+    float* dst = direct ? static_cast<float*>(out_ptr) : so.data();
+    affine_cpu(xm, wm, bp, b_stride, B, M, N, K, dst);
+    if (!direct) {
+      store_float(so.data(), out_ptr, out_dtype, so.size());
+    }
+  });
+}
+
+std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(-2);
+  return {shape};
+}
+
+mx::array outer_sum(
+    const mx::array& a,
+    const mx::array& b,
+    bool per_task,
+    mx::StreamOrDevice s) {
+  int nd = a.ndim();
+  int m = a.shape(-1), n = b.shape(-1);
+  if (per_task) {
+    int T = a.shape(0);
+    int rows = prod(a.shape(), 1, nd - 1);
+    auto a3 = mx::reshape(a, {T, rows, m}, s);
+    auto b3 = mx::reshape(b, {T, rows, n}, s);
+    return linear(mx::swapaxes(a3, 1, 2, s), mx::swapaxes(b3, 1, 2, s), std::nullopt, s);
+  }
+  int rows = prod(a.shape(), 0, nd - 1);
+  auto a2 = mx::reshape(a, {rows, m}, s);
+  auto b2 = mx::reshape(b, {rows, n}, s);
+  return linear(mx::transpose(a2, s), mx::transpose(b2, s), std::nullopt, s);
+}
+
+mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s) {
+  std::vector<int> axes;
+  for (int ax = per_task ? 1 : 0; ax < static_cast<int>(g.ndim()) - 1; ++ax) {
+    axes.push_back(ax);
+  }
+  return axes.empty() ? g : mx::sum(g, axes, false, s);
+}
+
+mx::array expand_bias(const mx::array& bias, int ndim, mx::StreamOrDevice s) {
+  if (bias.ndim() != 2) {
+    return bias;
+  }
+  mx::Shape shape(ndim, 1);
+  shape.front() = bias.shape(0);
+  shape.back() = bias.shape(1);
+  return mx::reshape(bias, shape, s);
+}
+
+std::vector<mx::array> Linear::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto& x = primals[0];
+  auto& w = primals[1];
+  auto& g = cotangents[0];
+  auto s = stream();
+  bool per_task = w.ndim() == 3;
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(mx::astype(linear(g, mx::swapaxes(w, -1, -2, s), std::nullopt, s),
+                                 x.dtype(), s));
+    } else if (arg == 1) {
+      grads.push_back(mx::astype(outer_sum(g, x, per_task, s), w.dtype(), s));
+    } else {
+      auto& b = primals[2];
+      grads.push_back(mx::astype(bias_grad(g, b.ndim() == 2, s), b.dtype(), s));
+    }
+  }
+  return grads;
+}
+
+std::vector<mx::array> Linear::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  auto& x = primals[0];
+  auto& w = primals[1];
+  auto s = stream();
+  std::optional<mx::array> out;
+  auto add = [&](const mx::array& t) { out = out ? mx::add(*out, t, s) : t; };
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    auto& t = tangents[i];
+    if (argnums[i] == 0) {
+      add(linear(t, w, std::nullopt, s));
+    } else if (argnums[i] == 1) {
+      add(linear(x, t, std::nullopt, s));
+    } else {
+      add(expand_bias(t, x.ndim(), s));
+    }
+  }
+  auto shape = output_shapes(primals)[0];
+  auto dtype = result_dtype(primals);
+  return {mx::astype(mx::broadcast_to(*out, shape, s), dtype, s)};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  bool per_task = inputs[1].ndim() - (axes[1] >= 0) == 3;
+  bool has_bias = inputs.size() > 2;
+  bool params_mapped = axes[1] >= 0 || (has_bias && axes[2] >= 0);
+  std::optional<mx::array> bias;
+  if (!params_mapped) {
+    // Only x is mapped: the mapped axis rides along with x's batch axes.
+    if (has_bias) {
+      bias = inputs[2];
+    }
+    if (!per_task) {
+      return {{linear(mx::moveaxis(inputs[0], axes[0], 0, s), inputs[1], bias, s)}, {0}};
+    }
+    return {{linear(mx::moveaxis(inputs[0], axes[0], 1, s), inputs[1], bias, s)}, {1}};
+  }
+  int V = vmap_size(inputs, axes);
+  auto x = to_front(inputs[0], axes[0], V, s);
+  auto w = to_front(inputs[1], axes[1], V, s);
+  if (has_bias) {
+    bias = axes[2] >= 0 ? mx::moveaxis(inputs[2], axes[2], 0, s) : inputs[2];
+  }
+  if (!per_task) {
+    // V becomes the task axis.
+    return {{linear(x, w, bias, s)}, {0}};
+  }
+  // Fold V into the task axis: (V, T, ...) -> (V * T, ...).
+  int T = x.shape(1);
+  auto fold = [&](const mx::array& a) {
+    auto shape = a.shape();
+    shape.erase(shape.begin());
+    shape[0] = V * T;
+    return mx::reshape(a, shape, s);
+  };
+  if (has_bias) {
+    bool mapped = axes[2] >= 0;
+    int n = bias->shape(-1);
+    if (bias->ndim() - mapped == 1) {
+      if (mapped) {
+        bias = fold(mx::broadcast_to(mx::expand_dims(*bias, 1, s), {V, T, n}, s));
+      }
+    } else {
+      bias = fold(mx::broadcast_to(*bias, {V, T, n}, s));
+    }
+  }
+  auto out = linear(fold(x), fold(w), bias, s);
+  auto shape = out.shape();
+  shape[0] = T;
+  shape.insert(shape.begin(), V);
+  return {{mx::reshape(out, shape, s)}, {0}};
+}
+
+#ifndef _METAL_
+void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[metapeft.linear] this build has no Metal kernels");
+}
+#endif
+
+} // namespace metapeft

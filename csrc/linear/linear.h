@@ -1,0 +1,77 @@
+// linear(x, weight, bias) = x @ weight.T + bias, with one weight or one per task.
+#pragma once
+
+#include <optional>
+
+#include "common.h"
+
+namespace metapeft {
+
+mx::array linear(
+    const mx::array& x,
+    const mx::array& weight,
+    const std::optional<mx::array>& bias = std::nullopt,
+    mx::StreamOrDevice s = {});
+
+// sum over rows of a^T @ b: a (..., m), b (..., n) -> (m, n); with `per_task`,
+// a (T, ..., m), b (T, ..., n) -> (T, m, n). The weight gradient of a linear map.
+mx::array outer_sum(
+    const mx::array& a,
+    const mx::array& b,
+    bool per_task,
+    mx::StreamOrDevice s = {});
+
+// Sums `g` (shape (..., n), or (T, ..., n) with `per_task`) down to a bias shape.
+mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s = {});
+
+// Reshapes a bias of shape (T, n) to broadcast against an array of `ndim` dims.
+mx::array expand_bias(const mx::array& bias, int ndim, mx::StreamOrDevice s = {});
+
+class Linear : public mx::Primitive {
+ public:
+  explicit Linear(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
+      override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "MetapeftLinear";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+} // namespace metapeft
+
+namespace metapeft {
+
+// out (B, M, N) = x (B, M, K) @ w^T + bias, all float32. A batch stride of 0
+// shares an operand across the batch; `bias` is (B, N) with stride `bias_stride`
+// (0: one bias for all), or null.
+void affine_cpu(
+    const Mat& x,
+    const Mat& w,
+    const float* bias,
+    int64_t bias_stride,
+    int64_t B,
+    int64_t M,
+    int64_t N,
+    int64_t K,
+    float* out);
+
+} // namespace metapeft

@@ -1,0 +1,72 @@
+"""Pure-MLX twins of every compiled primitive in :mod:`metapeft.ops`.
+
+They define the semantics the fused kernels must reproduce, and they are the
+baselines the tests and benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """``x @ weight.T + bias``; a 3-D ``weight`` holds one matrix per task."""
+    if weight.ndim == 3:
+        out = _per_task(x, weight.shape[0]) @ mx.expand_dims(mx.swapaxes(weight, -1, -2), 1)
+        out = out.reshape(*x.shape[:-1], weight.shape[1])
+    else:
+        out = x @ weight.T
+    return out if bias is None else out + _bias(bias, x.ndim)
+
+
+def lora_linear(
+    x: mx.array,
+    weight: mx.array,
+    lora_a: mx.array,
+    lora_b: mx.array,
+    scale: float,
+    bias: mx.array | None = None,
+) -> mx.array:
+    """``x @ weight.T + bias + scale * (x @ lora_a) @ lora_b``."""
+    base = linear(x, weight, bias)
+    if lora_a.ndim == 3:
+        xt = _per_task(x, lora_a.shape[0])
+        low = (xt @ mx.expand_dims(lora_a, 1)) @ mx.expand_dims(lora_b, 1)
+        low = low.reshape(*x.shape[:-1], lora_b.shape[-1])
+    else:
+        low = (x @ lora_a) @ lora_b
+    return base + scale * low
+
+
+def task_sgd(params: Any, grads: Any, lr: Any) -> Any:
+    """``params - lr * grads`` leaf by leaf; ``lr`` is a float or a tree like ``params``."""
+    if isinstance(lr, (int, float)):
+        return tree_map(lambda p, g: p - (lr * g).astype(p.dtype), params, grads)
+    return tree_map(lambda p, g, a: p - (a * g).astype(p.dtype), params, grads, lr)
+
+
+def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
+    """``params + epsilon * (mean over tasks of adapted - params)`` leaf by leaf."""
+    flat = tree_flatten(params)
+    adapted_flat = [a for _, a in tree_flatten(adapted)]
+    out = [
+        (k, p + (epsilon * (mx.mean(a.astype(mx.float32), axis=0) - p)).astype(p.dtype))
+        for (k, p), a in zip(flat, adapted_flat, strict=True)
+    ]
+    return tree_unflatten(out)
+
+
+def _per_task(x: mx.array, num_tasks: int) -> mx.array:
+    """View ``x`` of shape ``(T, ..., d)`` as ``(T, 1, M, d)`` for batched matmul."""
+    return x.reshape(num_tasks, 1, math.prod(x.shape[1:-1]), x.shape[-1])
+
+
+def _bias(bias: mx.array, ndim: int) -> mx.array:
+    """Broadcast a ``(d_out,)`` or per-task ``(T, d_out)`` bias against ``ndim`` dims."""
+    if bias.ndim == 2:
+        return bias.reshape(bias.shape[0], *([1] * (ndim - 2)), bias.shape[1])
+    return bias
