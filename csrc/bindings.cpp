@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "linear/linear.h"
+#include "lora_linear/lora_linear.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -26,6 +27,18 @@ NB_MODULE(_ext, m) {
       &metapeft::linear,
       "x"_a,
       "weight"_a,
+      "bias"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "lora_linear",
+      &metapeft::lora_linear,
+      "x"_a,
+      "weight"_a,
+      "lora_a"_a,
+      "lora_b"_a,
+      "scale"_a,
       "bias"_a = nb::none(),
       nb::kw_only(),
       "stream"_a = nb::none());

@@ -44,6 +44,37 @@ mx::array to_front(const mx::array& a, int axis, int size, mx::StreamOrDevice s)
   return mx::broadcast_to(a, shape, s);
 }
 
+mx::array fold_tasks(
+    const mx::array& a,
+    int axis,
+    int V,
+    int T,
+    bool has_task_axis,
+    mx::StreamOrDevice s) {
+  mx::array b = a;
+  if (has_task_axis) {
+    b = to_front(a, axis, V, s);
+  } else if (axis >= 0) {
+    b = mx::expand_dims(mx::moveaxis(a, axis, 0, s), 1, s);
+    auto shape = b.shape();
+    shape[1] = T;
+    b = mx::broadcast_to(b, shape, s);
+  } else {
+    return a;
+  }
+  auto shape = b.shape();
+  shape.erase(shape.begin());
+  shape[0] = V * T;
+  return mx::reshape(b, shape, s);
+}
+
+mx::array unfold_tasks(const mx::array& a, int V, mx::StreamOrDevice s) {
+  auto shape = a.shape();
+  shape[0] /= V;
+  shape.insert(shape.begin(), V);
+  return mx::reshape(a, shape, s);
+}
+
 int vmap_size(const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (axes[i] >= 0) {

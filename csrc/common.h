@@ -31,6 +31,20 @@ mx::Dtype result_dtype(const std::vector<mx::array>& arrays);
 // to a new leading axis of size `size`.
 mx::array to_front(const mx::array& a, int axis, int size, mx::StreamOrDevice s);
 
+// For vmap over a primitive whose task axis is 0: folds the vmapped axis into
+// the task axis, (V, T, ...) -> (V * T, ...). An input without a task axis
+// (shared by all tasks) is kept when unmapped, else broadcast over the T tasks.
+mx::array fold_tasks(
+    const mx::array& a,
+    int axis,
+    int V,
+    int T,
+    bool has_task_axis,
+    mx::StreamOrDevice s);
+
+// Undoes fold_tasks on an output: (V * T, ...) -> (V, T, ...).
+mx::array unfold_tasks(const mx::array& a, int V, mx::StreamOrDevice s);
+
 // Size of the first mapped axis among `inputs`.
 int vmap_size(const std::vector<mx::array>& inputs, const std::vector<int>& axes);
 

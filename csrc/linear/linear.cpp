@@ -6,11 +6,6 @@
 #include "blas.h"
 #include "mlx/backend/cpu/encoder.h"
 
-#ifdef _METAL_
-#include "mlx/backend/metal/device.h"
-#include "mlx/backend/metal/utils.h"
-#endif
-
 namespace metapeft {
 
 namespace {
@@ -274,45 +269,26 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
     return {{linear(mx::moveaxis(inputs[0], axes[0], 1, s), inputs[1], bias, s)}, {1}};
   }
   int V = vmap_size(inputs, axes);
-  auto x = to_front(inputs[0], axes[0], V, s);
-  auto w = to_front(inputs[1], axes[1], V, s);
-  if (has_bias) {
-    bias = axes[2] >= 0 ? mx::moveaxis(inputs[2], axes[2], 0, s) : inputs[2];
-  }
   if (!per_task) {
     // V becomes the task axis.
-    return {{linear(x, w, bias, s)}, {0}};
+    if (has_bias) {
+      bias = axes[2] >= 0 ? mx::moveaxis(inputs[2], axes[2], 0, s) : inputs[2];
+    }
+    auto x = to_front(inputs[0], axes[0], V, s);
+    return {{linear(x, to_front(inputs[1], axes[1], V, s), bias, s)}, {0}};
   }
   // Fold V into the task axis: (V, T, ...) -> (V * T, ...).
-  int T = x.shape(1);
-  auto fold = [&](const mx::array& a) {
-    auto shape = a.shape();
-    shape.erase(shape.begin());
-    shape[0] = V * T;
-    return mx::reshape(a, shape, s);
-  };
+  int T = inputs[1].shape(axes[1] == 0 ? 1 : 0);
   if (has_bias) {
     bool mapped = axes[2] >= 0;
-    int n = bias->shape(-1);
-    if (bias->ndim() - mapped == 1) {
-      if (mapped) {
-        bias = fold(mx::broadcast_to(mx::expand_dims(*bias, 1, s), {V, T, n}, s));
-      }
-    } else {
-      bias = fold(mx::broadcast_to(*bias, {V, T, n}, s));
-    }
+    bias = fold_tasks(inputs[2], axes[2], V, T, inputs[2].ndim() - mapped == 2, s);
   }
-  auto out = linear(fold(x), fold(w), bias, s);
-  auto shape = out.shape();
-  shape[0] = T;
-  shape.insert(shape.begin(), V);
-  return {{mx::reshape(out, shape, s)}, {0}};
+  auto out = linear(
+      fold_tasks(inputs[0], axes[0], V, T, true, s),
+      fold_tasks(inputs[1], axes[1], V, T, true, s),
+      bias,
+      s);
+  return {{unfold_tasks(out, V, s)}, {0}};
 }
-
-#ifndef _METAL_
-void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("[metapeft.linear] this build has no Metal kernels");
-}
-#endif
 
 } // namespace metapeft
