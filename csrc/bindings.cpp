@@ -7,6 +7,8 @@
 
 #include "linear/linear.h"
 #include "lora_linear/lora_linear.h"
+#include "reptile_update/reptile_update.h"
+#include "task_sgd/task_sgd.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -40,6 +42,24 @@ NB_MODULE(_ext, m) {
       "lora_b"_a,
       "scale"_a,
       "bias"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "task_sgd",
+      &metapeft::task_sgd,
+      "params"_a,
+      "grads"_a,
+      "lr"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "reptile_update",
+      &metapeft::reptile_update,
+      "params"_a,
+      "adapted"_a,
+      "epsilon"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
 }

@@ -224,6 +224,46 @@ Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch) {
   return {scratch.data(), rows * cols, static_cast<int>(std::max<int64_t>(cols, 1)), false};
 }
 
+const float* dense_float(const Operand& op, std::vector<float>& scratch) {
+  if (op.dtype == mx::float32 && op.row_contiguous) {
+    return static_cast<const float*>(op.ptr);
+  }
+  scratch.resize(prod(op.shape, 0, op.shape.size()));
+  gather_float(op.ptr, op.dtype, op.shape, op.strides, scratch.data());
+  return scratch.data();
+}
+
+float scalar_float(const Operand& op) {
+  float v;
+  gather_float(op.ptr, op.dtype, {}, {}, &v);
+  return v;
+}
+
+mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrDevice s) {
+  int extra = a.ndim() - shape.size();
+  std::vector<int> axes;
+  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
+    if (ax < extra || (shape[ax - extra] == 1 && a.shape(ax) != 1)) {
+      axes.push_back(ax);
+    }
+  }
+  auto out = axes.empty() ? a : mx::sum(a, axes, true, s);
+  return mx::reshape(out, shape, s);
+}
+
+bool broadcasts_to(const mx::Shape& from, const mx::Shape& to) {
+  if (from.size() > to.size()) {
+    return false;
+  }
+  int extra = to.size() - from.size();
+  for (size_t i = 0; i < from.size(); ++i) {
+    if (from[i] != 1 && from[i] != to[i + extra]) {
+      return false;
+    }
+  }
+  return true;
+}
+
 std::string binary_dir() {
   static std::string dir = []() {
     Dl_info info;

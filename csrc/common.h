@@ -2,7 +2,9 @@
 // float32 views that the CPU kernels hand to BLAS.
 #pragma once
 
+#include <algorithm>
 #include <stdexcept>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -89,6 +91,53 @@ struct Mat {
 // `batched`, the rows are the remaining leading axes and the columns the last.
 // Uses the storage directly when BLAS can read it, else a float32 copy in `scratch`.
 Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch);
+
+// A float32 view of one leaf's data: the array's own storage when it is dense
+// float32, else a dense copy in `scratch`.
+const float* dense_float(const Operand& op, std::vector<float>& scratch);
+
+// Reads a scalar operand as float.
+float scalar_float(const Operand& op);
+
+// Sums `a` down to `shape`, which broadcasts to a.shape() (numpy rules).
+mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrDevice s);
+
+// True when an array of shape `from` broadcasts to `to` without changing `to`.
+bool broadcasts_to(const mx::Shape& from, const mx::Shape& to);
+
+// Runs f(leaf, begin, end) over the elements of leaves of the given sizes,
+// split into contiguous ranges over a few threads when there is enough work.
+template <typename F>
+void for_ranges(const std::vector<int64_t>& sizes, int64_t min_per_thread, F f) {
+  int64_t total = 0;
+  for (auto n : sizes) {
+    total += n;
+  }
+  int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  int threads = static_cast<int>(std::min<int64_t>(hw, total / std::max<int64_t>(min_per_thread, 1)));
+  auto run = [&](int64_t lo, int64_t hi) {
+    int64_t base = 0;
+    for (size_t leaf = 0; leaf < sizes.size() && base < hi; base += sizes[leaf], ++leaf) {
+      int64_t b = std::max(lo, base), e = std::min(hi, base + sizes[leaf]);
+      if (b < e) {
+        f(leaf, b - base, e - base);
+      }
+    }
+  };
+  if (threads <= 1) {
+    run(0, total);
+    return;
+  }
+  int64_t chunk = (total + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    pool.emplace_back(run, t * chunk, std::min(total, (t + 1) * chunk));
+  }
+  run(0, chunk);
+  for (auto& th : pool) {
+    th.join();
+  }
+}
 
 // Directory of the loaded extension (where the metallib is installed).
 std::string binary_dir();

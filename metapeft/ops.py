@@ -13,6 +13,9 @@ naming the argument.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -87,7 +90,8 @@ def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
     Args:
         params: Tree (dicts, lists, tuples) of arrays, each with a leading task axis.
         grads: Tree of the same structure and shapes as ``params``.
-        lr: A finite float, or a tree like ``params`` whose leaves broadcast against
+        lr: A finite float, an array broadcasting against every parameter (e.g. a
+            learned scalar), or a tree like ``params`` whose leaves broadcast against
             the matching parameter (per-parameter learning rates, as in Meta-SGD).
 
     Returns:
@@ -103,9 +107,12 @@ def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
     if isinstance(lr, (int, float)):
         _check_finite("lr", lr)
         lr_leaves = [mx.array(float(lr), dtype=mx.float32)] * len(p_leaves)
+    elif isinstance(lr, mx.array):
+        lr_leaves = [lr] * len(p_leaves)
     else:
         lr_leaves = _matching_leaves(lr, keys, "lr")
-    out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves)
+    with _leaf_names(keys):
+        out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves)
     return tree_unflatten(list(zip(keys, out, strict=True)))
 
 
@@ -132,8 +139,23 @@ def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
         epsilon = mx.array(float(epsilon), dtype=mx.float32)
     elif not isinstance(epsilon, mx.array):
         raise TypeError(f"epsilon must be a float or an mx.array, got {type(epsilon).__name__}")
-    out = _ext.reptile_update(p_leaves, a_leaves, epsilon)
+    with _leaf_names(keys):
+        out = _ext.reptile_update(p_leaves, a_leaves, epsilon)
     return tree_unflatten(list(zip(keys, out, strict=True)))
+
+
+@contextmanager
+def _leaf_names(keys: list[str]) -> Iterator[None]:
+    """Re-raise the extension's errors with leaf paths (``params['w']``) for indices."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        named = re.sub(
+            r"\b(params|grads|lr|adapted)\[(\d+)\]",
+            lambda m: f"{m[1]}['{keys[int(m[2])]}']",
+            str(e),
+        )
+        raise type(e)(named) from None
 
 
 def _check_finite(name: str, value: Any) -> None:

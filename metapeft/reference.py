@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -43,21 +43,30 @@ def lora_linear(
 
 
 def task_sgd(params: Any, grads: Any, lr: Any) -> Any:
-    """``params - lr * grads`` leaf by leaf; ``lr`` is a float or a tree like ``params``."""
-    if isinstance(lr, (int, float)):
-        return tree_map(lambda p, g: p - (lr * g).astype(p.dtype), params, grads)
-    return tree_map(lambda p, g, a: p - (a * g).astype(p.dtype), params, grads, lr)
+    """``params - lr * grads`` leaf by leaf, in float32, keeping each parameter's dtype.
+
+    ``lr`` is a float, an array broadcasting against every leaf, or a tree like ``params``.
+    """
+
+    def step(p: mx.array, g: mx.array, a: Any) -> mx.array:
+        dtype = mx.result_type(p, g)
+        a = a.astype(mx.float32) if isinstance(a, mx.array) else a
+        return (p.astype(mx.float32) - a * g.astype(mx.float32)).astype(dtype)
+
+    if isinstance(lr, (int, float, mx.array)):
+        return tree_map(lambda p, g: step(p, g, lr), params, grads)
+    return tree_map(step, params, grads, lr)
 
 
 def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
-    """``params + epsilon * (mean over tasks of adapted - params)`` leaf by leaf."""
-    flat = tree_flatten(params)
-    adapted_flat = [a for _, a in tree_flatten(adapted)]
-    out = [
-        (k, p + (epsilon * (mx.mean(a.astype(mx.float32), axis=0) - p)).astype(p.dtype))
-        for (k, p), a in zip(flat, adapted_flat, strict=True)
-    ]
-    return tree_unflatten(out)
+    """``params + epsilon * (mean over tasks of adapted - params)`` leaf by leaf, in float32."""
+
+    def step(p: mx.array, a: mx.array) -> mx.array:
+        dtype = mx.result_type(p, a)
+        p32 = p.astype(mx.float32)
+        return (p32 + epsilon * (mx.mean(a.astype(mx.float32), axis=0) - p32)).astype(dtype)
+
+    return tree_map(step, params, adapted)
 
 
 def _per_task(x: mx.array, num_tasks: int) -> mx.array:

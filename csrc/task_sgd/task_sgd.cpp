@@ -1,0 +1,257 @@
+#include "task_sgd/task_sgd.h"
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace metapeft {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[metapeft.task_sgd] " + msg);
+}
+
+std::string leaf(const char* name, size_t i) {
+  return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
+// Elements per thread below which a second thread does not pay.
+constexpr int64_t kMinPerThread = 1 << 17;
+
+} // namespace
+
+std::vector<mx::array> task_sgd(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& lrs,
+    mx::StreamOrDevice s) {
+  size_t n = params.size();
+  if (grads.size() != n || lrs.size() != n) {
+    fail("params, grads and lr must have the same number of leaves, got " +
+         std::to_string(n) + ", " + std::to_string(grads.size()) + " and " +
+         std::to_string(lrs.size()));
+  }
+  if (n == 0) {
+    return {};
+  }
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (size_t i = 0; i < n; ++i) {
+    auto &p = params[i], &g = grads[i], &lr = lrs[i];
+    check_float(p, "task_sgd", leaf("params", i));
+    check_float(g, "task_sgd", leaf("grads", i));
+    check_float(lr, "task_sgd", leaf("lr", i));
+    if (g.shape() != p.shape()) {
+      fail(leaf("grads", i) + " has shape " + shape_str(g.shape()) + " but " +
+           leaf("params", i) + " has shape " + shape_str(p.shape()));
+    }
+    if (!broadcasts_to(lr.shape(), p.shape())) {
+      fail(leaf("lr", i) + " of shape " + shape_str(lr.shape()) +
+           " does not broadcast against " + leaf("params", i) + " of shape " +
+           shape_str(p.shape()));
+    }
+    shapes.push_back(p.shape());
+    dtypes.push_back(mx::promote_types(p.dtype(), g.dtype()));
+  }
+  std::vector<mx::array> inputs(params);
+  inputs.insert(inputs.end(), grads.begin(), grads.end());
+  inputs.insert(inputs.end(), lrs.begin(), lrs.end());
+  return mx::array::make_arrays(
+      std::move(shapes), dtypes, std::make_shared<TaskSGD>(mx::to_stream(s)), inputs);
+}
+
+void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  size_t n = outputs.size();
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  struct Leaf {
+    Operand p, g, lr;
+    void* out;
+    mx::Dtype dtype;
+    int64_t size;
+  };
+  std::vector<Leaf> leaves;
+  for (size_t i = 0; i < n; ++i) {
+    auto &p = inputs[i], &g = inputs[n + i], &lr = inputs[2 * n + i];
+    auto& out = outputs[i];
+    // Update in place when the parameter's buffer is ours to reuse.
+    if (p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
+        p.data_size() == p.size()) {
+      out.copy_shared_buffer(p);
+    } else {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+    encoder.set_input_array(p);
+    encoder.set_input_array(g);
+    encoder.set_input_array(lr);
+    encoder.set_output_array(out);
+    // lr broadcast to the parameter's shape (strides 0 where it repeats).
+    Operand lr_full = operand(lr);
+    lr_full.shape = p.shape();
+    lr_full.strides = mx::Strides(p.ndim(), 0);
+    int extra = p.ndim() - lr.ndim();
+    for (size_t ax = 0; ax < lr.ndim(); ++ax) {
+      lr_full.strides[ax + extra] = lr.shape(ax) == 1 ? 0 : lr.strides()[ax];
+    }
+    lr_full.row_contiguous = false;
+    leaves.push_back({operand(p), operand(g), lr_full, out.data<void>(), out.dtype(),
+                      static_cast<int64_t>(p.size())});
+  }
+  encoder.dispatch([leaves = std::move(leaves)]() {
+    size_t n = leaves.size();
+    std::vector<std::vector<float>> scratch(4 * n);
+    std::vector<const float*> p(n), g(n), lr(n);
+    std::vector<int64_t> lr_len(n), sizes(n);
+    std::vector<float*> out(n);
+    for (size_t i = 0; i < n; ++i) {
+      auto& L = leaves[i];
+      sizes[i] = L.size;
+      p[i] = dense_float(L.p, scratch[4 * i]);
+      g[i] = dense_float(L.g, scratch[4 * i + 1]);
+      // A learning rate that repeats with period lr_len over the flat parameter.
+      int64_t period = 1;
+      bool periodic = L.lr.dtype == mx::float32;
+      int nd = L.lr.shape.size();
+      int64_t expect = 1;
+      for (int ax = nd - 1; ax >= 0 && periodic; --ax) {
+        if (L.lr.strides[ax] == 0) {
+          // Broadcast axes must all lie in front of the repeating block.
+          for (int j = ax; j >= 0; --j) {
+            periodic &= L.lr.strides[j] == 0 || L.lr.shape[j] == 1;
+          }
+          break;
+        }
+        periodic &= L.lr.shape[ax] == 1 || L.lr.strides[ax] == expect;
+        period *= L.lr.shape[ax];
+        expect *= L.lr.shape[ax];
+      }
+      if (periodic) {
+        lr[i] = static_cast<const float*>(L.lr.ptr);
+        lr_len[i] = period;
+      } else {
+        scratch[4 * i + 2].resize(L.size);
+        gather_float(L.lr.ptr, L.lr.dtype, L.lr.shape, L.lr.strides, scratch[4 * i + 2].data());
+        lr[i] = scratch[4 * i + 2].data();
+        lr_len[i] = L.size;
+      }
+      if (L.dtype == mx::float32) {
+        out[i] = static_cast<float*>(L.out);
+      } else {
+        scratch[4 * i + 3].resize(L.size);
+        out[i] = scratch[4 * i + 3].data();
+      }
+    }
+    for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
+      const float *pi = p[i], *gi = g[i], *li = lr[i];
+      float* oi = out[i];
+      int64_t len = lr_len[i];
+      if (len == 1) {
+        float a = li[0];
+        for (int64_t j = begin; j < end; ++j) {
+          oi[j] = pi[j] - a * gi[j];
+        }
+        return;
+      }
+      for (int64_t j = begin; j < end;) {
+        int64_t k = j % len;
+        int64_t stop = std::min(end, j + (len - k));
+        const float* l = li + k - j;
+        for (; j < stop; ++j) {
+          oi[j] = pi[j] - l[j] * gi[j];
+        }
+      }
+    });
+    for (size_t i = 0; i < n; ++i) {
+      if (leaves[i].dtype != mx::float32) {
+        store_float(out[i], leaves[i].out, leaves[i].dtype, leaves[i].size);
+      }
+    }
+  });
+}
+
+std::vector<mx::Shape> TaskSGD::output_shapes(const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  for (size_t i = 0; i < inputs.size() / 3; ++i) {
+    shapes.push_back(inputs[i].shape());
+  }
+  return shapes;
+}
+
+std::vector<mx::array> TaskSGD::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  size_t n = primals.size() / 3;
+  auto s = stream();
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    size_t i = arg % n;
+    auto& c = cotangents[i];
+    auto& g = primals[n + i];
+    auto& lr = primals[2 * n + i];
+    mx::array grad = c;
+    if (arg >= static_cast<int>(2 * n)) {
+      grad = sum_to_shape(mx::negative(mx::multiply(c, g, s), s), lr.shape(), s);
+    } else if (arg >= static_cast<int>(n)) {
+      grad = mx::negative(mx::multiply(lr, c, s), s);
+    }
+    grads.push_back(mx::astype(grad, primals[arg].dtype(), s));
+  }
+  return grads;
+}
+
+std::vector<mx::array> TaskSGD::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  size_t n = primals.size() / 3;
+  auto s = stream();
+  std::vector<std::optional<mx::array>> outs(n);
+  for (size_t k = 0; k < argnums.size(); ++k) {
+    size_t i = argnums[k] % n;
+    size_t group = argnums[k] / n;
+    auto& t = tangents[k];
+    mx::array d = t;
+    if (group == 1) {
+      d = mx::negative(mx::multiply(primals[2 * n + i], t, s), s);
+    } else if (group == 2) {
+      d = mx::negative(mx::multiply(t, primals[n + i], s), s);
+    }
+    outs[i] = outs[i] ? mx::add(*outs[i], d, s) : d;
+  }
+  std::vector<mx::array> result;
+  for (size_t i = 0; i < n; ++i) {
+    auto& p = primals[i];
+    auto dtype = mx::promote_types(p.dtype(), primals[n + i].dtype());
+    result.push_back(
+        outs[i] ? mx::astype(mx::broadcast_to(*outs[i], p.shape(), s), dtype, s)
+                : mx::zeros(p.shape(), dtype, s));
+  }
+  return result;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> TaskSGD::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  size_t n = inputs.size() / 3;
+  auto s = stream();
+  int V = vmap_size(inputs, axes);
+  std::vector<mx::array> params, grads, lrs;
+  for (size_t i = 0; i < n; ++i) {
+    int ap = axes[i], ag = axes[n + i], al = axes[2 * n + i];
+    params.push_back(to_front(inputs[i], ap, V, s));
+    grads.push_back(to_front(inputs[n + i], ag, V, s));
+    auto lr = inputs[2 * n + i];
+    if (al >= 0) {
+      // Keep the mapped axis aligned with the parameter's new leading axis.
+      lr = mx::moveaxis(lr, al, 0, s);
+      auto shape = lr.shape();
+      int p_ndim = inputs[i].ndim() - (ap >= 0);
+      shape.insert(shape.begin() + 1, p_ndim - (lr.ndim() - 1), 1);
+      lr = mx::reshape(lr, shape, s);
+    }
+    lrs.push_back(lr);
+  }
+  return {task_sgd(params, grads, lrs, s), std::vector<int>(n, 0)};
+}
+
+} // namespace metapeft
