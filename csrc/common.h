@@ -14,6 +14,14 @@
 
 namespace mx = mlx::core;
 
+// Hot elementwise loops are compiled for several x86 vector widths and the
+// best one is picked at load time, so one wheel runs everywhere.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define METAPEFT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define METAPEFT_SIMD_CLONES
+#endif
+
 namespace metapeft {
 
 // A dtype the primitives do not support; the bindings raise it as TypeError.
@@ -113,7 +121,7 @@ void for_ranges(const std::vector<int64_t>& sizes, int64_t min_per_thread, F f) 
   for (auto n : sizes) {
     total += n;
   }
-  int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   int threads = static_cast<int>(std::min<int64_t>(hw, total / std::max<int64_t>(min_per_thread, 1)));
   auto run = [&](int64_t lo, int64_t hi) {
     int64_t base = 0;

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from metapeft import _ext
+from metapeft import _ext, _tree
 
 __all__ = ["linear", "lora_linear", "task_sgd", "reptile_update"]
 
@@ -102,18 +100,20 @@ def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
         >>> task_sgd(p, {"w": mx.ones((5, 3))}, 0.1)["w"][0, 0].item()
         0.9
     """
-    keys, p_leaves = _leaves(params, "params")
-    g_leaves = _matching_leaves(grads, keys, "grads")
+    p_leaves, structure = _tree.flatten(params)
+    g_leaves = _leaves_like(structure, grads, params, "grads")
     if isinstance(lr, (int, float)):
         _check_finite("lr", lr)
         lr_leaves = [mx.array(float(lr), dtype=mx.float32)] * len(p_leaves)
     elif isinstance(lr, mx.array):
         lr_leaves = [lr] * len(p_leaves)
     else:
-        lr_leaves = _matching_leaves(lr, keys, "lr")
-    with _leaf_names(keys):
+        lr_leaves = _leaves_like(structure, lr, params, "lr")
+    try:
         out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves)
-    return tree_unflatten(list(zip(keys, out, strict=True)))
+    except (ValueError, TypeError) as e:
+        raise _with_leaf_names(e, params, grads=grads, lr=lr) from None
+    return _tree.rebuild(structure, out)
 
 
 def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
@@ -132,30 +132,18 @@ def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
         >>> reptile_update(p, {"w": mx.ones((4, 3))}, 0.5)["w"][0].item()
         0.5
     """
-    keys, p_leaves = _leaves(params, "params")
-    a_leaves = _matching_leaves(adapted, keys, "adapted")
+    p_leaves, structure = _tree.flatten(params)
+    a_leaves = _leaves_like(structure, adapted, params, "adapted")
     if isinstance(epsilon, (int, float)):
         _check_finite("epsilon", epsilon)
         epsilon = mx.array(float(epsilon), dtype=mx.float32)
     elif not isinstance(epsilon, mx.array):
         raise TypeError(f"epsilon must be a float or an mx.array, got {type(epsilon).__name__}")
-    with _leaf_names(keys):
-        out = _ext.reptile_update(p_leaves, a_leaves, epsilon)
-    return tree_unflatten(list(zip(keys, out, strict=True)))
-
-
-@contextmanager
-def _leaf_names(keys: list[str]) -> Iterator[None]:
-    """Re-raise the extension's errors with leaf paths (``params['w']``) for indices."""
     try:
-        yield
+        out = _ext.reptile_update(p_leaves, a_leaves, epsilon)
     except (ValueError, TypeError) as e:
-        named = re.sub(
-            r"\b(params|grads|lr|adapted)\[(\d+)\]",
-            lambda m: f"{m[1]}['{keys[int(m[2])]}']",
-            str(e),
-        )
-        raise type(e)(named) from None
+        raise _with_leaf_names(e, params, adapted=adapted) from None
+    return _tree.rebuild(structure, out)
 
 
 def _check_finite(name: str, value: Any) -> None:
@@ -165,19 +153,29 @@ def _check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _leaves(tree: Any, name: str) -> tuple[list[str], list[mx.array]]:
-    flat = tree_flatten(tree)
-    for key, leaf in flat:
-        if not isinstance(leaf, mx.array):
-            raise TypeError(f"{name}['{key}'] must be an mx.array, got {type(leaf).__name__}")
-    return [k for k, _ in flat], [v for _, v in flat]
-
-
-def _matching_leaves(tree: Any, keys: list[str], name: str) -> list[mx.array]:
-    other_keys, leaves = _leaves(tree, name)
-    if other_keys != keys:
+def _leaves_like(structure: Any, tree: Any, params: Any, name: str) -> list[Any]:
+    leaves = _tree.leaves_like(structure, tree)
+    if leaves is None:
         raise ValueError(
-            f"{name} must have the same tree structure as params: "
-            f"params has leaves {keys}, {name} has {other_keys}"
+            f"{name} must have the same tree structure as params: params has leaves "
+            f"{[k for k, _ in tree_flatten(params)]}, {name} has "
+            f"{[k for k, _ in tree_flatten(tree)]}"
         )
     return leaves
+
+
+def _with_leaf_names(error: Exception, params: Any, **trees: Any) -> Exception:
+    """The extension's error, with leaf paths (``params['w']``) in place of indices."""
+    keys = [k for k, _ in tree_flatten(params)]
+    for name, tree in {"params": params, **trees}.items():
+        if isinstance(tree, (int, float, mx.array)):
+            continue
+        for key, leaf in tree_flatten(tree):
+            if not isinstance(leaf, mx.array):
+                return TypeError(f"{name}['{key}'] must be an mx.array, got {type(leaf).__name__}")
+    message = re.sub(
+        r"\b(params|grads|lr|adapted)\[(\d+)\]",
+        lambda m: f"{m[1]}['{keys[int(m[2])]}']",
+        str(error),
+    )
+    return type(error)(message)

@@ -67,7 +67,7 @@ void Linear::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   }
   bool per_task = w.ndim() == 3;
   bool has_bias = inputs.size() > 2;
-  int nd = x.ndim();
+  int nd = static_cast<int>(x.ndim());
   int64_t rows = prod(x.shape(), 0, nd - 1);
   int64_t M = prod(x.shape(), per_task ? 1 : 0, nd - 1);
   int64_t N = w.shape(-2);

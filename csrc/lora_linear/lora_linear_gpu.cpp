@@ -1,12 +1,172 @@
 // LoraLinear::eval_gpu: the Metal kernels in lora_linear.metal, built on Apple only.
 #include "lora_linear/lora_linear.h"
 
+#ifdef _METAL_
+#include <algorithm>
+#include <cstdint>
+
+#include "mlx/backend/metal/device.h"
+#endif
+
 namespace metapeft {
 
-#ifndef _METAL_
+#ifdef _METAL_
+
+namespace {
+
+// The dtype code that lora_linear.metal's load/store read.
+int dtype_code(const mx::array& a) {
+  if (a.dtype() == mx::float32) {
+    return 0;
+  }
+  if (a.dtype() == mx::float16) {
+    return 1;
+  }
+  if (a.dtype() == mx::bfloat16) {
+    return 2;
+  }
+  throw std::runtime_error(
+      "[metapeft.lora_linear] Metal kernels take float32, float16 or bfloat16");
+}
+
+// Binds a one-element array the kernel never reads (an empty or absent operand
+// has no Metal buffer of its own).
+void set_placeholder(mx::metal::CommandEncoder& enc, int idx) {
+  mx::array placeholder(0.0f);
+  enc.set_input_array(placeholder, idx);
+  enc.add_temporary(std::move(placeholder));
+}
+
+void set_input(mx::metal::CommandEncoder& enc, const mx::array& a, int idx) {
+  if (a.size() > 0) {
+    enc.set_input_array(a, idx);
+  } else {
+    set_placeholder(enc, idx);
+  }
+}
+
+// The strides of `a`, left-padded with zeros to `n` entries (a missing task
+// axis is a broadcast one).
+mx::Strides padded_strides(const mx::array& a, int n) {
+  mx::Strides strides(n, 0);
+  int extra = n - static_cast<int>(a.ndim());
+  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
+    strides[ax + extra] = a.strides()[ax];
+  }
+  return strides;
+}
+
+// One thread per element of a (rows, cols) result.
+void dispatch_2d(
+    mx::metal::CommandEncoder& enc,
+    MTL::ComputePipelineState* kernel,
+    size_t cols,
+    size_t rows) {
+  size_t max_threads = kernel->maxTotalThreadsPerThreadgroup();
+  size_t gx = std::min(cols, max_threads);
+  size_t gy = std::min(rows, max_threads / gx);
+  enc.dispatch_threads(MTL::Size(cols, rows, 1), MTL::Size(gx, gy, 1));
+}
+
+} // namespace
+
+void LoraLinear::eval_gpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& x = inputs[0];
+  auto& w = inputs[1];
+  auto& a = inputs[2];
+  auto& b = inputs[3];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (out.size() == 0) {
+    return;
+  }
+  bool per_task = a.ndim() == 3;
+  bool has_bias = inputs.size() > 4;
+  int nd = static_cast<int>(x.ndim());
+  int64_t rows = prod(x.shape(), 0, nd - 1);
+  int64_t M = prod(x.shape(), per_task ? 1 : 0, nd - 1);
+  int64_t N = w.shape(-2);
+  int64_t K = x.shape(-1);
+  // As on the CPU, no low-rank term when it is empty (K == 0 or r == 0).
+  int64_t R = K > 0 ? a.shape(-1) : 0;
+  if (rows > INT32_MAX) {
+    throw std::runtime_error("[metapeft.lora_linear] too many rows for the Metal kernel");
+  }
+
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto lib = d.get_library("metapeft", binary_dir());
+  auto& enc = mx::metal::get_command_encoder(s);
+
+  // h = x @ A, kept in float32 for the second pass.
+  mx::array h({static_cast<int>(rows), static_cast<int>(R)}, mx::float32, nullptr, {});
+  h.set_data(mx::allocator::malloc(h.nbytes()));
+  if (R > 0) {
+    auto down = d.get_kernel("metapeft_lora_down", lib);
+    enc.set_compute_pipeline_state(down);
+    enc.set_input_array(x, 0);
+    enc.set_input_array(a, 1);
+    enc.set_output_array(h, 2);
+    enc.set_vector_bytes(x.shape(), 3);
+    enc.set_vector_bytes(x.strides(), 4);
+    enc.set_bytes(nd, 5);
+    enc.set_vector_bytes(padded_strides(a, 3), 6);
+    std::vector<int> down_dtypes = {dtype_code(x), dtype_code(a)};
+    enc.set_vector_bytes(down_dtypes, 7);
+    enc.set_bytes(M, 8);
+    enc.set_bytes(K, 9);
+    enc.set_bytes(R, 10);
+    dispatch_2d(enc, down, R, rows);
+  }
+
+  auto kernel = d.get_kernel("metapeft_lora_linear", lib);
+  enc.set_compute_pipeline_state(kernel);
+  set_input(enc, x, 0);
+  set_input(enc, w, 1);
+  if (R > 0) {
+    enc.set_input_array(h, 2);
+    enc.set_input_array(b, 3);
+  } else {
+    set_placeholder(enc, 2);
+    set_placeholder(enc, 3);
+  }
+  if (has_bias) {
+    set_input(enc, inputs[4], 4);
+  } else {
+    set_placeholder(enc, 4);
+  }
+  enc.set_output_array(out, 5);
+  enc.set_vector_bytes(x.shape(), 6);
+  enc.set_vector_bytes(x.strides(), 7);
+  enc.set_bytes(nd, 8);
+  enc.set_vector_bytes(padded_strides(w, 3), 9);
+  enc.set_vector_bytes(padded_strides(b, 3), 10);
+  enc.set_vector_bytes(has_bias ? padded_strides(inputs[4], 2) : mx::Strides(2, 0), 11);
+  std::vector<int> dtypes = {
+      dtype_code(x),
+      dtype_code(w),
+      dtype_code(b),
+      has_bias ? dtype_code(inputs[4]) : -1,
+      dtype_code(out)};
+  enc.set_vector_bytes(dtypes, 12);
+  enc.set_bytes(M, 13);
+  enc.set_bytes(N, 14);
+  enc.set_bytes(K, 15);
+  enc.set_bytes(R, 16);
+  float scale = scale_;
+  enc.set_bytes(scale, 17);
+  dispatch_2d(enc, kernel, N, rows);
+  enc.add_temporary(std::move(h));
+}
+
+#else
+
 void LoraLinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[metapeft.lora_linear] this build has no Metal kernels");
 }
+
 #endif
 
 } // namespace metapeft

@@ -21,6 +21,36 @@ constexpr int64_t kMinPerThread = 1 << 16;
 // Elements of a parameter handled together, so the task sum stays in cache.
 constexpr int64_t kBlock = 512;
 
+// out[j] = p[j] + eps * (mean_t a[t, j] - p[j]) for j in [begin, end), where
+// a holds `tasks` rows of `size` values.
+METAPEFT_SIMD_CLONES
+void reptile_range(
+    const float* p,
+    const float* a,
+    int64_t tasks,
+    int64_t size,
+    float eps,
+    float* out,
+    int64_t begin,
+    int64_t end) {
+  // T == 0 gives 0 * inf = NaN, as the mean over no tasks is in MLX.
+  float inv_t = 1.0f / static_cast<float>(tasks);
+  float acc[kBlock];
+  for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+    int64_t len = std::min(kBlock, end - j0);
+    std::fill(acc, acc + len, 0.0f);
+    for (int64_t t = 0; t < tasks; ++t) {
+      const float* at = a + t * size + j0;
+      for (int64_t j = 0; j < len; ++j) {
+        acc[j] += at[j];
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      out[j0 + j] = p[j0 + j] + eps * (acc[j] * inv_t - p[j0 + j]);
+    }
+  }
+}
+
 mx::array task_mean(const mx::array& a, mx::StreamOrDevice s) {
   return mx::mean(mx::astype(a, mx::float32, s), 0, false, s);
 }
@@ -119,25 +149,7 @@ void ReptileUpdate::eval_cpu(
       }
     }
     for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
-      int64_t T = leaves[i].tasks, size = sizes[i];
-      float inv_t = 1.0f / static_cast<float>(T);
-      float acc[kBlock];
-      for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
-        int64_t len = std::min(kBlock, end - j0);
-        std::fill(acc, acc + len, 0.0f);
-        for (int64_t t = 0; t < T; ++t) {
-          const float* at = a[i] + t * size + j0;
-          for (int64_t j = 0; j < len; ++j) {
-            acc[j] += at[j];
-          }
-        }
-        const float* pj = p[i] + j0;
-        float* oj = out[i] + j0;
-        for (int64_t j = 0; j < len; ++j) {
-          // T == 0 gives 0 * inf = NaN, as the mean of no tasks is in MLX.
-          oj[j] = pj[j] + eps * (acc[j] * inv_t - pj[j]);
-        }
-      }
+      reptile_range(p[i], a[i], leaves[i].tasks, sizes[i], eps, out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {
       if (leaves[i].dtype != mx::float32) {

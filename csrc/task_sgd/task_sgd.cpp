@@ -17,6 +17,33 @@ std::string leaf(const char* name, size_t i) {
 // Elements per thread below which a second thread does not pay.
 constexpr int64_t kMinPerThread = 1 << 17;
 
+// out[j] = p[j] - lr[j % lr_len] * g[j] for j in [begin, end).
+METAPEFT_SIMD_CLONES
+void sgd_range(
+    const float* p,
+    const float* g,
+    const float* lr,
+    int64_t lr_len,
+    float* out,
+    int64_t begin,
+    int64_t end) {
+  if (lr_len == 1) {
+    float a = lr[0];
+    for (int64_t j = begin; j < end; ++j) {
+      out[j] = p[j] - a * g[j];
+    }
+    return;
+  }
+  for (int64_t j = begin; j < end;) {
+    int64_t k = j % lr_len;
+    int64_t stop = std::min(end, j + (lr_len - k));
+    const float* l = lr + k - j;
+    for (; j < stop; ++j) {
+      out[j] = p[j] - l[j] * g[j];
+    }
+  }
+}
+
 } // namespace
 
 std::vector<mx::array> task_sgd(
@@ -140,24 +167,7 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       }
     }
     for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
-      const float *pi = p[i], *gi = g[i], *li = lr[i];
-      float* oi = out[i];
-      int64_t len = lr_len[i];
-      if (len == 1) {
-        float a = li[0];
-        for (int64_t j = begin; j < end; ++j) {
-          oi[j] = pi[j] - a * gi[j];
-        }
-        return;
-      }
-      for (int64_t j = begin; j < end;) {
-        int64_t k = j % len;
-        int64_t stop = std::min(end, j + (len - k));
-        const float* l = li + k - j;
-        for (; j < stop; ++j) {
-          oi[j] = pi[j] - l[j] * gi[j];
-        }
-      }
+      sgd_range(p[i], g[i], lr[i], lr_len[i], out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {
       if (leaves[i].dtype != mx::float32) {
