@@ -181,6 +181,51 @@ void store_float(const float* src, void* dst, mx::Dtype dtype, int64_t n) {
   }
 }
 
+float* float_output(void* ptr, mx::Dtype dtype, int64_t n, std::vector<float>& scratch) {
+  if (dtype == mx::float32) {
+    return static_cast<float*>(ptr);
+  }
+  scratch.resize(n);
+  return scratch.data();
+}
+
+void store_float_output(const std::vector<float>& scratch, void* ptr, mx::Dtype dtype) {
+  if (dtype != mx::float32) {
+    store_float(scratch.data(), ptr, dtype, scratch.size());
+  }
+}
+
+void donate_or_allocate(const mx::array& in, mx::array& out) {
+  if (in.is_donatable() && in.flags().row_contiguous && in.dtype() == out.dtype() &&
+      in.data_size() == in.size()) {
+    out.copy_shared_buffer(in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+}
+
+std::vector<mx::Shape> leaf_shapes(const std::vector<mx::array>& inputs, size_t n) {
+  std::vector<mx::Shape> shapes;
+  for (size_t i = 0; i < n; ++i) {
+    shapes.push_back(inputs[i].shape());
+  }
+  return shapes;
+}
+
+std::vector<mx::array> leaf_tangents(
+    const std::vector<std::optional<mx::array>>& sums,
+    const std::vector<mx::Shape>& shapes,
+    const std::vector<mx::Dtype>& dtypes,
+    mx::StreamOrDevice s) {
+  std::vector<mx::array> out;
+  for (size_t i = 0; i < sums.size(); ++i) {
+    out.push_back(
+        sums[i] ? mx::astype(mx::broadcast_to(*sums[i], shapes[i], s), dtypes[i], s)
+                : mx::zeros(shapes[i], dtypes[i], s));
+  }
+  return out;
+}
+
 Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch) {
   int nd = op.shape.size();
   int first = batched ? 1 : 0;
@@ -221,7 +266,8 @@ Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch) {
   }
   scratch.resize(batch * rows * cols);
   gather_float(op.ptr, op.dtype, op.shape, op.strides, scratch.data());
-  return {scratch.data(), rows * cols, static_cast<int>(std::max<int64_t>(cols, 1)), false};
+  int64_t stride = batch > 1 ? rows * cols : 0;
+  return {scratch.data(), stride, static_cast<int>(std::max<int64_t>(cols, 1)), false};
 }
 
 const float* dense_float(const Operand& op, std::vector<float>& scratch) {

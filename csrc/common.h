@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <string>
@@ -21,6 +22,25 @@ namespace mx = mlx::core;
 #else
 #define METAPEFT_SIMD_CLONES
 #endif
+
+// The overrides every metapeft primitive implements (MLX's Primitive interface).
+#define METAPEFT_PRIMITIVE_OVERRIDES                                             \
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) \
+      override;                                                                  \
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) \
+      override;                                                                  \
+  std::vector<mx::array> jvp(                                                    \
+      const std::vector<mx::array>& primals,                                     \
+      const std::vector<mx::array>& tangents,                                    \
+      const std::vector<int>& argnums) override;                                 \
+  std::vector<mx::array> vjp(                                                    \
+      const std::vector<mx::array>& primals,                                     \
+      const std::vector<mx::array>& cotangents,                                  \
+      const std::vector<int>& argnums,                                           \
+      const std::vector<mx::array>& outputs) override;                           \
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(                      \
+      const std::vector<mx::array>& inputs, const std::vector<int>& axes) override; \
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
 namespace metapeft {
 
@@ -82,6 +102,27 @@ void gather_float(
 
 // Converts `n` float32 values into `dst` of `dtype`.
 void store_float(const float* src, void* dst, mx::Dtype dtype, int64_t n);
+
+// Where a kernel writes `n` float32 results for an output of `dtype` at `ptr`:
+// the output itself when it is float32, else `scratch`, which
+// store_float_output then converts into the output.
+float* float_output(void* ptr, mx::Dtype dtype, int64_t n, std::vector<float>& scratch);
+void store_float_output(const std::vector<float>& scratch, void* ptr, mx::Dtype dtype);
+
+// Lets `out` take over `in`'s buffer (an in-place update) when MLX allows it,
+// else allocates it.
+void donate_or_allocate(const mx::array& in, mx::array& out);
+
+// The shapes of inputs[0 .. n), as the outputs of a per-leaf update.
+std::vector<mx::Shape> leaf_shapes(const std::vector<mx::array>& inputs, size_t n);
+
+// Assembles per-leaf jvp outputs: each summed tangent broadcast to its output,
+// or zeros where no input tangent reached it.
+std::vector<mx::array> leaf_tangents(
+    const std::vector<std::optional<mx::array>>& sums,
+    const std::vector<mx::Shape>& shapes,
+    const std::vector<mx::Dtype>& dtypes,
+    mx::StreamOrDevice s);
 
 // A batch of float32 matrices laid out as BLAS takes them. `trans` means the
 // matrix is stored column-major (element (i, j) at i + j * ld).

@@ -63,7 +63,12 @@ mx::array linear(
   return mx::array(shape, dtype, std::make_shared<Linear>(mx::to_stream(s)), inputs);
 }
 
-void affine_cpu(
+namespace {
+
+// out (B, M, N) = x (B, M, K) @ w^T + bias, all float32. A batch stride of 0
+// shares an operand across the batch; `bias` is (B, N) with stride `bias_stride`
+// (0: one bias for all), or null.
+void affine(
     const Mat& x,
     const Mat& w,
     const float* bias,
@@ -104,57 +109,82 @@ void affine_cpu(
   }
 }
 
-void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& out = outputs[0];
+} // namespace
+
+void eval_affine_cpu(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out,
+    bool lora,
+    float scale) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
+  auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& in : inputs) {
     encoder.set_input_array(in);
   }
   encoder.set_output_array(out);
 
-  bool per_task = inputs[1].ndim() == 3;
+  bool per_task = lora ? inputs[2].ndim() == 3 : inputs[1].ndim() == 3;
   auto& xs = inputs[0].shape();
   int nd = xs.size();
   int64_t B = per_task ? xs[0] : 1;
   int64_t M = prod(xs, per_task ? 1 : 0, nd - 1);
   int64_t K = xs[nd - 1];
   int64_t N = inputs[1].shape(-2);
-  std::optional<Operand> bias;
-  if (inputs.size() > 2) {
-    bias = operand(inputs[2]);
+  size_t n_args = lora ? 4 : 2;
+  std::optional<Operand> bias, lora_a, lora_b;
+  if (inputs.size() > n_args) {
+    bias = operand(inputs[n_args]);
+  }
+  if (lora) {
+    lora_a = operand(inputs[2]);
+    lora_b = operand(inputs[3]);
   }
   encoder.dispatch([x = operand(inputs[0]),
                     w = operand(inputs[1]),
+                    lora_a,
+                    lora_b,
                     bias,
                     per_task,
                     B,
                     M,
                     N,
                     K,
+                    scale,
                     out_ptr = out.data<void>(),
                     out_dtype = out.dtype()]() {
-    std::vector<float> sx, sw, sb, so;
+    std::vector<float> sx, sw, sbias, so;
     Mat xm = as_mat(x, per_task, sx);
-    Mat wm = as_mat(w, per_task, sw);
+    Mat wm = as_mat(w, w.shape.size() == 3, sw);
     const float* bp = nullptr;
     int64_t b_stride = 0;
     if (bias) {
-      sb.resize(prod(bias->shape, 0, bias->shape.size()));
-      gather_float(bias->ptr, bias->dtype, bias->shape, bias->strides, sb.data());
-      bp = sb.data();
+      bp = dense_float(*bias, sbias);
       b_stride = bias->shape.size() == 2 ? N : 0;
     }
-    bool direct = out_dtype == mx::float32;
-    if (!direct) {
-      so.resize(B * M * N);
+    float* dst = float_output(out_ptr, out_dtype, B * M * N, so);
+    affine(xm, wm, bp, b_stride, B, M, N, K, dst);
+    int64_t R = lora_a ? lora_a->shape.back() : 0;
+    if (R > 0 && K > 0 && M > 0 && N > 0) {
+      std::vector<float> sa, sb;
+      Mat am = as_mat(*lora_a, per_task, sa);
+      Mat bm = as_mat(*lora_b, per_task, sb);
+      // h = x @ A stays float32 (A^T is A with its layout flipped); then
+      // out += scale * h @ B, one thin product per task.
+      std::vector<float> h(B * M * R);
+      Mat at = {am.data, am.batch_stride, am.ld, !am.trans};
+      affine(xm, at, nullptr, 0, B, M, R, K, h.data());
+      for (int64_t t = 0; t < B; ++t) {
+        blas::sgemm(false, bm.trans, M, N, R, scale, h.data() + t * M * R, R, bm.at(t), bm.ld,
+                    1.0f, dst + t * M * N, N);
+      }
     }
-    float* dst = direct ? static_cast<float*>(out_ptr) : so.data();
-    affine_cpu(xm, wm, bp, b_stride, B, M, N, K, dst);
-    if (!direct) {
-      store_float(so.data(), out_ptr, out_dtype, so.size());
-    }
+    store_float_output(so, out_ptr, out_dtype);
   });
+}
+
+void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  eval_affine_cpu(stream(), inputs, outputs[0], false, 0.0f);
 }
 
 std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {

@@ -31,23 +31,7 @@ class Linear : public mx::Primitive {
  public:
   explicit Linear(mx::Stream stream) : mx::Primitive(stream) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
-      override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs)
-      override;
-  std::vector<mx::array> jvp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& tangents,
-      const std::vector<int>& argnums) override;
-  std::vector<mx::array> vjp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  METAPEFT_PRIMITIVE_OVERRIDES
   const char* name() const override {
     return "MetapeftLinear";
   }
@@ -60,18 +44,14 @@ class Linear : public mx::Primitive {
 
 namespace metapeft {
 
-// out (B, M, N) = x (B, M, K) @ w^T + bias, all float32. A batch stride of 0
-// shares an operand across the batch; `bias` is (B, N) with stride `bias_stride`
-// (0: one bias for all), or null.
-void affine_cpu(
-    const Mat& x,
-    const Mat& w,
-    const float* bias,
-    int64_t bias_stride,
-    int64_t B,
-    int64_t M,
-    int64_t N,
-    int64_t K,
-    float* out);
+// CPU evaluation shared by Linear and LoraLinear: out = x @ w^T + bias, plus
+// scale * (x @ lora_a) @ lora_b when `lora`. `inputs` is {x, w, [lora_a,
+// lora_b], [bias]} as the ops build it.
+void eval_affine_cpu(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out,
+    bool lora,
+    float scale);
 
 } // namespace metapeft

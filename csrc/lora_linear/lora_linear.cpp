@@ -2,9 +2,7 @@
 
 #include <cmath>
 
-#include "blas.h"
 #include "linear/linear.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace metapeft {
 
@@ -109,74 +107,7 @@ mx::array lora_linear(
 void LoraLinear::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
-
-  bool per_task = inputs[2].ndim() == 3;
-  auto& xs = inputs[0].shape();
-  int nd = xs.size();
-  int64_t B = per_task ? xs[0] : 1;
-  int64_t M = prod(xs, per_task ? 1 : 0, nd - 1);
-  int64_t K = xs[nd - 1];
-  int64_t N = inputs[1].shape(-2);
-  int64_t R = inputs[2].shape(-1);
-  std::optional<Operand> bias;
-  if (inputs.size() > 4) {
-    bias = operand(inputs[4]);
-  }
-  encoder.dispatch([x = operand(inputs[0]),
-                    w = operand(inputs[1]),
-                    a = operand(inputs[2]),
-                    b = operand(inputs[3]),
-                    bias,
-                    per_task,
-                    B,
-                    M,
-                    N,
-                    K,
-                    R,
-                    scale = scale_,
-                    out_ptr = out.data<void>(),
-                    out_dtype = out.dtype()]() {
-    std::vector<float> sx, sw, sa, sb, sbias, so;
-    Mat xm = as_mat(x, per_task, sx);
-    Mat wm = as_mat(w, w.shape.size() == 3, sw);
-    const float* bp = nullptr;
-    int64_t b_stride = 0;
-    if (bias) {
-      sbias.resize(prod(bias->shape, 0, bias->shape.size()));
-      gather_float(bias->ptr, bias->dtype, bias->shape, bias->strides, sbias.data());
-      bp = sbias.data();
-      b_stride = bias->shape.size() == 2 ? N : 0;
-    }
-    bool direct = out_dtype == mx::float32;
-    if (!direct) {
-      so.resize(B * M * N);
-    }
-    float* dst = direct ? static_cast<float*>(out_ptr) : so.data();
-    affine_cpu(xm, wm, bp, b_stride, B, M, N, K, dst);
-    if (R > 0 && K > 0 && M > 0 && N > 0) {
-      Mat am = as_mat(a, per_task, sa);
-      Mat bm = as_mat(b, per_task, sb);
-      // h = x @ A stays float32; then out += scale * h @ B.
-      std::vector<float> h(B * M * R);
-      affine_cpu(xm, {am.data, am.batch_stride, am.ld, !am.trans}, nullptr, 0, B, M, R, K,
-                 h.data());
-      Mat hm = {h.data(), M * R, static_cast<int>(R), false};
-      for (int64_t t = 0; t < B; ++t) {
-        blas::sgemm(false, bm.trans, M, N, R, scale, hm.at(t), hm.ld, bm.at(t), bm.ld, 1.0f,
-                    dst + t * M * N, N);
-      }
-    }
-    if (!direct) {
-      store_float(so.data(), out_ptr, out_dtype, so.size());
-    }
-  });
+  eval_affine_cpu(stream(), inputs, outputs[0], true, scale_);
 }
 
 std::vector<mx::Shape> LoraLinear::output_shapes(const std::vector<mx::array>& inputs) {

@@ -2,73 +2,16 @@
 #include "lora_linear/lora_linear.h"
 
 #ifdef _METAL_
-#include <algorithm>
 #include <cstdint>
 
-#include "mlx/backend/metal/device.h"
+#include "metal.h"
 #endif
 
 namespace metapeft {
 
 #ifdef _METAL_
 
-namespace {
-
-// The dtype code that lora_linear.metal's load/store read.
-int dtype_code(const mx::array& a) {
-  if (a.dtype() == mx::float32) {
-    return 0;
-  }
-  if (a.dtype() == mx::float16) {
-    return 1;
-  }
-  if (a.dtype() == mx::bfloat16) {
-    return 2;
-  }
-  throw std::runtime_error(
-      "[metapeft.lora_linear] Metal kernels take float32, float16 or bfloat16");
-}
-
-// Binds a one-element array the kernel never reads (an empty or absent operand
-// has no Metal buffer of its own).
-void set_placeholder(mx::metal::CommandEncoder& enc, int idx) {
-  mx::array placeholder(0.0f);
-  enc.set_input_array(placeholder, idx);
-  enc.add_temporary(std::move(placeholder));
-}
-
-void set_input(mx::metal::CommandEncoder& enc, const mx::array& a, int idx) {
-  if (a.size() > 0) {
-    enc.set_input_array(a, idx);
-  } else {
-    set_placeholder(enc, idx);
-  }
-}
-
-// The strides of `a`, left-padded with zeros to `n` entries (a missing task
-// axis is a broadcast one).
-mx::Strides padded_strides(const mx::array& a, int n) {
-  mx::Strides strides(n, 0);
-  int extra = n - static_cast<int>(a.ndim());
-  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
-    strides[ax + extra] = a.strides()[ax];
-  }
-  return strides;
-}
-
-// One thread per element of a (rows, cols) result.
-void dispatch_2d(
-    mx::metal::CommandEncoder& enc,
-    MTL::ComputePipelineState* kernel,
-    size_t cols,
-    size_t rows) {
-  size_t max_threads = kernel->maxTotalThreadsPerThreadgroup();
-  size_t gx = std::min(cols, max_threads);
-  size_t gy = std::min(rows, max_threads / gx);
-  enc.dispatch_threads(MTL::Size(cols, rows, 1), MTL::Size(gx, gy, 1));
-}
-
-} // namespace
+constexpr const char* kOp = "lora_linear"; // for error messages
 
 void LoraLinear::eval_gpu(
     const std::vector<mx::array>& inputs,
@@ -113,7 +56,7 @@ void LoraLinear::eval_gpu(
     enc.set_vector_bytes(x.strides(), 4);
     enc.set_bytes(nd, 5);
     enc.set_vector_bytes(padded_strides(a, 3), 6);
-    std::vector<int> down_dtypes = {dtype_code(x), dtype_code(a)};
+    std::vector<int> down_dtypes = {dtype_code(x, kOp), dtype_code(a, kOp)};
     enc.set_vector_bytes(down_dtypes, 7);
     enc.set_bytes(M, 8);
     enc.set_bytes(K, 9);
@@ -145,11 +88,11 @@ void LoraLinear::eval_gpu(
   enc.set_vector_bytes(padded_strides(b, 3), 10);
   enc.set_vector_bytes(has_bias ? padded_strides(inputs[4], 2) : mx::Strides(2, 0), 11);
   std::vector<int> dtypes = {
-      dtype_code(x),
-      dtype_code(w),
-      dtype_code(b),
-      has_bias ? dtype_code(inputs[4]) : -1,
-      dtype_code(out)};
+      dtype_code(x, kOp),
+      dtype_code(w, kOp),
+      dtype_code(b, kOp),
+      has_bias ? dtype_code(inputs[4], kOp) : -1,
+      dtype_code(out, kOp)};
   enc.set_vector_bytes(dtypes, 12);
   enc.set_bytes(M, 13);
   enc.set_bytes(N, 14);

@@ -116,12 +116,7 @@ void ReptileUpdate::eval_cpu(
   for (size_t i = 0; i < n; ++i) {
     auto &p = inputs[i], &a = inputs[n + i];
     auto& out = outputs[i];
-    if (p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
-        p.data_size() == p.size()) {
-      out.copy_shared_buffer(p);
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
+    donate_or_allocate(p, out);
     encoder.set_input_array(p);
     encoder.set_input_array(a);
     encoder.set_output_array(out);
@@ -141,30 +136,19 @@ void ReptileUpdate::eval_cpu(
       sizes[i] = L.size;
       p[i] = dense_float(L.p, scratch[3 * i]);
       a[i] = dense_float(L.a, scratch[3 * i + 1]);
-      if (L.dtype == mx::float32) {
-        out[i] = static_cast<float*>(L.out);
-      } else {
-        scratch[3 * i + 2].resize(L.size);
-        out[i] = scratch[3 * i + 2].data();
-      }
+      out[i] = float_output(L.out, L.dtype, L.size, scratch[3 * i + 2]);
     }
     for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
       reptile_range(p[i], a[i], leaves[i].tasks, sizes[i], eps, out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {
-      if (leaves[i].dtype != mx::float32) {
-        store_float(out[i], leaves[i].out, leaves[i].dtype, leaves[i].size);
-      }
+      store_float_output(scratch[3 * i + 2], leaves[i].out, leaves[i].dtype);
     }
   });
 }
 
 std::vector<mx::Shape> ReptileUpdate::output_shapes(const std::vector<mx::array>& inputs) {
-  std::vector<mx::Shape> shapes;
-  for (size_t i = 0; i < inputs.size() / 2; ++i) {
-    shapes.push_back(inputs[i].shape());
-  }
-  return shapes;
+  return leaf_shapes(inputs, inputs.size() / 2);
 }
 
 std::vector<mx::array> ReptileUpdate::vjp(
@@ -223,15 +207,11 @@ std::vector<mx::array> ReptileUpdate::jvp(
       add(arg, mx::multiply(mx::subtract(mx::array(1.0f), eps, s), t, s));
     }
   }
-  std::vector<mx::array> result;
+  std::vector<mx::Dtype> dtypes;
   for (size_t i = 0; i < n; ++i) {
-    auto& p = primals[i];
-    auto dtype = mx::promote_types(p.dtype(), primals[n + i].dtype());
-    result.push_back(
-        outs[i] ? mx::astype(mx::broadcast_to(*outs[i], p.shape(), s), dtype, s)
-                : mx::zeros(p.shape(), dtype, s));
+    dtypes.push_back(mx::promote_types(primals[i].dtype(), primals[n + i].dtype()));
   }
-  return result;
+  return leaf_tangents(outs, leaf_shapes(primals, n), dtypes, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> ReptileUpdate::vmap(

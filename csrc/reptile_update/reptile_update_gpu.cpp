@@ -5,51 +5,14 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "mlx/backend/metal/device.h"
+#include "metal.h"
 #endif
 
 namespace metapeft {
 
 #ifdef _METAL_
 
-namespace {
-
-// The dtype code that reptile_update.metal's load/store read.
-int dtype_code(const mx::array& a) {
-  if (a.dtype() == mx::float32) {
-    return 0;
-  }
-  if (a.dtype() == mx::float16) {
-    return 1;
-  }
-  if (a.dtype() == mx::bfloat16) {
-    return 2;
-  }
-  throw std::runtime_error(
-      "[metapeft.reptile_update] Metal kernels take float32, float16 or bfloat16");
-}
-
-// Binds a one-element array the kernel never reads (an empty operand has no
-// Metal buffer of its own).
-void set_input(mx::metal::CommandEncoder& enc, const mx::array& a, int idx) {
-  if (a.size() > 0) {
-    enc.set_input_array(a, idx);
-    return;
-  }
-  mx::array placeholder(0.0f);
-  enc.set_input_array(placeholder, idx);
-  enc.add_temporary(std::move(placeholder));
-}
-
-// One thread per element: a 1D grid while it fits in 32 bits, else rows of 2^30.
-void dispatch_1d(mx::metal::CommandEncoder& enc, MTL::ComputePipelineState* kernel, size_t n) {
-  size_t width = n <= UINT32_MAX ? n : (size_t(1) << 30);
-  size_t height = (n + width - 1) / width;
-  size_t group = std::min(width, static_cast<size_t>(kernel->maxTotalThreadsPerThreadgroup()));
-  enc.dispatch_threads(MTL::Size(width, height, 1), MTL::Size(group, 1, 1));
-}
-
-} // namespace
+constexpr const char* kOp = "reptile_update"; // for error messages
 
 void ReptileUpdate::eval_gpu(
     const std::vector<mx::array>& inputs,
@@ -68,13 +31,7 @@ void ReptileUpdate::eval_gpu(
     auto& a = inputs[n + i];
     auto& out = outputs[i];
     int64_t size = p.size();
-    // Update in place when the parameter's buffer is ours to reuse (as on the CPU).
-    if (size > 0 && p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
-        p.data_size() == p.size()) {
-      out.copy_shared_buffer(p);
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
+    reuse_or_alloc(out, p);
     if (size == 0) {
       continue;
     }
@@ -98,7 +55,8 @@ void ReptileUpdate::eval_gpu(
     enc.set_vector_bytes(p_strides, 5);
     enc.set_vector_bytes(a_strides, 6);
     enc.set_bytes(ndim, 7);
-    std::vector<int> dtypes = {dtype_code(p), dtype_code(a), dtype_code(eps), dtype_code(out)};
+    std::vector<int> dtypes = {
+        dtype_code(p, kOp), dtype_code(a, kOp), dtype_code(eps, kOp), dtype_code(out, kOp)};
     enc.set_vector_bytes(dtypes, 8);
     enc.set_bytes(size, 9);
     enc.set_bytes(tasks, 10);

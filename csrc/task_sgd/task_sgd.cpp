@@ -99,13 +99,7 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
   for (size_t i = 0; i < n; ++i) {
     auto &p = inputs[i], &g = inputs[n + i], &lr = inputs[2 * n + i];
     auto& out = outputs[i];
-    // Update in place when the parameter's buffer is ours to reuse.
-    if (p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
-        p.data_size() == p.size()) {
-      out.copy_shared_buffer(p);
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
+    donate_or_allocate(p, out);
     encoder.set_input_array(p);
     encoder.set_input_array(g);
     encoder.set_input_array(lr);
@@ -159,30 +153,19 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
         lr[i] = scratch[4 * i + 2].data();
         lr_len[i] = L.size;
       }
-      if (L.dtype == mx::float32) {
-        out[i] = static_cast<float*>(L.out);
-      } else {
-        scratch[4 * i + 3].resize(L.size);
-        out[i] = scratch[4 * i + 3].data();
-      }
+      out[i] = float_output(L.out, L.dtype, L.size, scratch[4 * i + 3]);
     }
     for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
       sgd_range(p[i], g[i], lr[i], lr_len[i], out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {
-      if (leaves[i].dtype != mx::float32) {
-        store_float(out[i], leaves[i].out, leaves[i].dtype, leaves[i].size);
-      }
+      store_float_output(scratch[4 * i + 3], leaves[i].out, leaves[i].dtype);
     }
   });
 }
 
 std::vector<mx::Shape> TaskSGD::output_shapes(const std::vector<mx::array>& inputs) {
-  std::vector<mx::Shape> shapes;
-  for (size_t i = 0; i < inputs.size() / 3; ++i) {
-    shapes.push_back(inputs[i].shape());
-  }
-  return shapes;
+  return leaf_shapes(inputs, inputs.size() / 3);
 }
 
 std::vector<mx::array> TaskSGD::vjp(
@@ -228,15 +211,11 @@ std::vector<mx::array> TaskSGD::jvp(
     }
     outs[i] = outs[i] ? mx::add(*outs[i], d, s) : d;
   }
-  std::vector<mx::array> result;
+  std::vector<mx::Dtype> dtypes;
   for (size_t i = 0; i < n; ++i) {
-    auto& p = primals[i];
-    auto dtype = mx::promote_types(p.dtype(), primals[n + i].dtype());
-    result.push_back(
-        outs[i] ? mx::astype(mx::broadcast_to(*outs[i], p.shape(), s), dtype, s)
-                : mx::zeros(p.shape(), dtype, s));
+    dtypes.push_back(mx::promote_types(primals[i].dtype(), primals[n + i].dtype()));
   }
-  return result;
+  return leaf_tangents(outs, leaf_shapes(primals, n), dtypes, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> TaskSGD::vmap(

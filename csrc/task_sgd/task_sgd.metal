@@ -9,32 +9,7 @@
 
 #include "mlx/backend/metal/kernels/utils.h"
 
-namespace metapeft {
-
-// Element i of a buffer of dtype code 0 (float32), 1 (float16) or 2 (bfloat16).
-inline float load(const device uint8_t* p, int dtype, int64_t i) {
-  if (dtype == 1) {
-    half v = ((const device half*)p)[i];
-    return static_cast<float>(v);
-  }
-  if (dtype == 2) {
-    bfloat16_t v = ((const device bfloat16_t*)p)[i];
-    return static_cast<float>(v);
-  }
-  return ((const device float*)p)[i];
-}
-
-inline void store(device uint8_t* p, int dtype, int64_t i, float v) {
-  if (dtype == 1) {
-    ((device half*)p)[i] = static_cast<half>(v);
-  } else if (dtype == 2) {
-    ((device bfloat16_t*)p)[i] = static_cast<bfloat16_t>(v);
-  } else {
-    ((device float*)p)[i] = v;
-  }
-}
-
-} // namespace metapeft
+#include "kernels.h"
 
 // The grid is (width, height) with index = y * width + x; threads past `size`
 // do nothing. dtypes: p, g, lr, out.

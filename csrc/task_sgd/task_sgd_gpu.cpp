@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "mlx/backend/metal/device.h"
+#include "metal.h"
 #endif
 
 namespace metapeft {
@@ -14,19 +14,7 @@ namespace metapeft {
 
 namespace {
 
-// The dtype code that task_sgd.metal's load/store read.
-int dtype_code(const mx::array& a) {
-  if (a.dtype() == mx::float32) {
-    return 0;
-  }
-  if (a.dtype() == mx::float16) {
-    return 1;
-  }
-  if (a.dtype() == mx::bfloat16) {
-    return 2;
-  }
-  throw std::runtime_error("[metapeft.task_sgd] Metal kernels take float32, float16 or bfloat16");
-}
+constexpr const char* kOp = "task_sgd"; // for error messages
 
 // Strides that read `a` at each index of an `ndim`-dimensional shape it
 // broadcasts to (numpy rules: shapes right-aligned, stride 0 on a missing or
@@ -40,14 +28,6 @@ mx::Strides broadcast_strides(const mx::array& a, int ndim) {
     }
   }
   return strides;
-}
-
-// One thread per element: a 1D grid while it fits in 32 bits, else rows of 2^30.
-void dispatch_1d(mx::metal::CommandEncoder& enc, MTL::ComputePipelineState* kernel, size_t n) {
-  size_t width = n <= UINT32_MAX ? n : (size_t(1) << 30);
-  size_t height = (n + width - 1) / width;
-  size_t group = std::min(width, static_cast<size_t>(kernel->maxTotalThreadsPerThreadgroup()));
-  enc.dispatch_threads(MTL::Size(width, height, 1), MTL::Size(group, 1, 1));
 }
 
 } // namespace
@@ -67,13 +47,7 @@ void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     auto& lr = inputs[2 * n + i];
     auto& out = outputs[i];
     int64_t size = p.size();
-    // Update in place when the parameter's buffer is ours to reuse (as on the CPU).
-    if (size > 0 && p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
-        p.data_size() == p.size()) {
-      out.copy_shared_buffer(p);
-    } else {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
+    reuse_or_alloc(out, p);
     if (size == 0) {
       continue;
     }
@@ -90,7 +64,8 @@ void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     enc.set_vector_bytes(broadcast_strides(g, ndim), 6);
     enc.set_vector_bytes(broadcast_strides(lr, ndim), 7);
     enc.set_bytes(ndim, 8);
-    std::vector<int> dtypes = {dtype_code(p), dtype_code(g), dtype_code(lr), dtype_code(out)};
+    std::vector<int> dtypes = {
+        dtype_code(p, kOp), dtype_code(g, kOp), dtype_code(lr, kOp), dtype_code(out, kOp)};
     enc.set_vector_bytes(dtypes, 9);
     enc.set_bytes(size, 10);
     dispatch_1d(enc, kernel, size);
