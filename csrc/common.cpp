@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <filesystem>
+#include <limits>
 #include <sstream>
 
 namespace metapeft {
@@ -254,7 +255,9 @@ Mat as_mat(const Operand& op, bool batched, std::vector<float>& scratch) {
         (rows <= 1 || row_stride >= std::max<int64_t>(cols, 1));
     bool col_major = (rows <= 1 || row_stride == 1) &&
         (cols <= 1 || col_stride >= std::max<int64_t>(rows, 1));
-    if (collapsible && batch_stride >= 0 && (row_major || col_major)) {
+    // BLAS takes 32-bit leading dimensions.
+    bool fits = std::max(row_stride, col_stride) <= std::numeric_limits<int>::max();
+    if (collapsible && fits && batch_stride >= 0 && (row_major || col_major)) {
       auto data = static_cast<const float*>(op.ptr);
       if (row_major) {
         int ld = rows > 1 ? row_stride : std::max<int64_t>(cols, 1);

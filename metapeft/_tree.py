@@ -20,8 +20,14 @@ def flatten(tree: Any) -> tuple[list[Any], Structure]:
 
 
 def leaves_like(structure: Structure, tree: Any) -> list[Any] | None:
-    """Leaves of ``tree`` in the order of ``structure``; None if its structure differs."""
-    leaves: list[Any] = []
+    """Leaves of ``tree`` in the order of ``structure``; None if its structure differs.
+
+    Dicts may hold the same keys in another order.
+    """
+    leaves, other = flatten(tree)
+    if other == structure:
+        return leaves
+    leaves = []
     return leaves if _match(structure, tree, leaves) else None
 
 

@@ -23,8 +23,17 @@ from metapeft import _ext, _tree
 
 __all__ = ["linear", "lora_linear", "task_sgd", "reptile_update"]
 
+# Where to run an op, as in MLX: None (the default stream), a stream or a device.
+Stream = mx.Stream | mx.Device | None
 
-def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+
+def linear(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    *,
+    stream: Stream = None,
+) -> mx.array:
     """Affine map ``x @ weight.T + bias``, computed with BLAS.
 
     Args:
@@ -32,6 +41,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
         weight: ``(d_out, d_in)`` as in ``mlx.nn.Linear``, or ``(T, d_out, d_in)``
             for one weight per task.
         bias: Optional ``(d_out,)``, or ``(T, d_out)`` with per-task weights.
+        stream: Stream or device to run on (MLX's convention); default stream if None.
 
     Returns:
         Array of shape ``(..., d_out)``.
@@ -41,7 +51,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
         >>> linear(x, w).shape
         (4, 2)
     """
-    return _ext.linear(x, weight, bias)
+    return _ext.linear(x, weight, bias, stream=stream)
 
 
 def lora_linear(
@@ -51,6 +61,8 @@ def lora_linear(
     lora_b: mx.array,
     scale: float,
     bias: mx.array | None = None,
+    *,
+    stream: Stream = None,
 ) -> mx.array:
     """Fused LoRA layer ``x @ weight.T + bias + scale * (x @ lora_a) @ lora_b``.
 
@@ -64,6 +76,7 @@ def lora_linear(
         lora_b: ``(r, d_out)``, or ``(T, r, d_out)``.
         scale: Finite float multiplying the low-rank term (``alpha / r``).
         bias: Optional ``(d_out,)`` or ``(T, d_out)``.
+        stream: Stream or device to run on; default stream if None.
 
     Returns:
         Array of shape ``(..., d_out)``.
@@ -75,10 +88,10 @@ def lora_linear(
         (8, 4)
     """
     _check_finite("scale", scale)
-    return _ext.lora_linear(x, weight, lora_a, lora_b, float(scale), bias)
+    return _ext.lora_linear(x, weight, lora_a, lora_b, float(scale), bias, stream=stream)
 
 
-def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
+def task_sgd(params: Any, grads: Any, lr: float | Any, *, stream: Stream = None) -> Any:
     """One SGD step for every task of a meta-batch: ``params - lr * grads``.
 
     All leaves are updated by a single primitive call. The result keeps each
@@ -91,6 +104,8 @@ def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
         lr: A finite float, an array broadcasting against every parameter (e.g. a
             learned scalar), or a tree like ``params`` whose leaves broadcast against
             the matching parameter (per-parameter learning rates, as in Meta-SGD).
+            Array learning rates are not checked for NaN (that would force evaluation).
+        stream: Stream or device to run on; default stream if None.
 
     Returns:
         Tree like ``params``.
@@ -110,19 +125,22 @@ def task_sgd(params: Any, grads: Any, lr: float | Any) -> Any:
     else:
         lr_leaves = _leaves_like(structure, lr, params, "lr")
     try:
-        out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves)
+        out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves, stream=stream)
     except (ValueError, TypeError) as e:
         raise _with_leaf_names(e, params, grads=grads, lr=lr) from None
     return _tree.rebuild(structure, out)
 
 
-def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
+def reptile_update(
+    params: Any, adapted: Any, epsilon: float | mx.array, *, stream: Stream = None
+) -> Any:
     """Reptile outer step ``params + epsilon * (mean_T(adapted) - params)``.
 
     Args:
         params: Tree of meta-parameters.
         adapted: Tree like ``params`` whose leaves carry a leading task axis ``T``.
         epsilon: Outer step size: a finite float or a scalar array.
+        stream: Stream or device to run on; default stream if None.
 
     Returns:
         Tree like ``params``.
@@ -140,7 +158,7 @@ def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
     elif not isinstance(epsilon, mx.array):
         raise TypeError(f"epsilon must be a float or an mx.array, got {type(epsilon).__name__}")
     try:
-        out = _ext.reptile_update(p_leaves, a_leaves, epsilon)
+        out = _ext.reptile_update(p_leaves, a_leaves, epsilon, stream=stream)
     except (ValueError, TypeError) as e:
         raise _with_leaf_names(e, params, adapted=adapted) from None
     return _tree.rebuild(structure, out)
