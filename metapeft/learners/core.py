@@ -1,0 +1,100 @@
+"""The functional core shared by every learner.
+
+A learner never mutates the user's model during the inner loop: parameters live
+in trees, and the model is called with a given tree through :func:`call_with`,
+which restores the model's own parameters afterwards. The inner loop for one
+task is a pure function; the batched path is that same function under
+``mx.vmap`` over the task axis (MLX layers, and the fused primitives' own vmap
+rules turn it into one batched kernel per layer), the naive path a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from metapeft import ops, reference
+
+LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
+Update = Callable[[Any, Any, Any], Any]
+
+# The inner update of the fast path and of the naive reference path.
+FUSED_UPDATE: Update = ops.task_sgd
+REFERENCE_UPDATE: Update = reference.task_sgd
+
+
+def call_with(model: nn.Module, params: Any, fn: Callable[[nn.Module], Any]) -> Any:
+    """Runs ``fn(model)`` with ``params`` in place of the model's own, then restores them."""
+    saved = model.trainable_parameters()
+    model.update(params)
+    try:
+        return fn(model)
+    finally:
+        model.update(saved)
+
+
+def make_task_loss(
+    model: nn.Module, loss_fn: LossFn
+) -> Callable[[Any, mx.array, mx.array], mx.array]:
+    """``loss(params, x, y)`` for one task: ``loss_fn(model, x, y)`` with ``params``."""
+
+    def task_loss(params: Any, x: mx.array, y: mx.array) -> mx.array:
+        loss = call_with(model, params, lambda m: loss_fn(m, x, y))
+        if not isinstance(loss, mx.array) or loss.ndim != 0:
+            shape = getattr(loss, "shape", type(loss).__name__)
+            raise ValueError(f"loss_fn must return a scalar mx.array for one task, got {shape}")
+        return loss
+
+    return task_loss
+
+
+def inner_loop(
+    task_loss: Callable[[Any, mx.array, mx.array], mx.array],
+    params: Any,
+    x: mx.array,
+    y: mx.array,
+    lr: Any,
+    steps: int,
+    update: Update,
+    first_order: bool,
+) -> tuple[Any, mx.array]:
+    """``steps`` SGD steps on one task's support set.
+
+    Returns the adapted parameters and the support loss before adaptation. With
+    ``first_order`` the inner gradients are treated as constants (FOMAML, Reptile),
+    so no second-order graph is built.
+    """
+    grad_fn = mx.value_and_grad(task_loss)
+    first_loss = None
+    for _ in range(steps):
+        loss, grads = grad_fn(params, x, y)
+        if first_order:
+            grads = stop_gradient(grads)
+        first_loss = loss if first_loss is None else first_loss
+        params = update(params, grads, lr)
+    if first_loss is None:
+        first_loss = task_loss(params, x, y)
+    return params, first_loss
+
+
+def stop_gradient(tree: Any) -> Any:
+    """``mx.stop_gradient`` on every leaf of a tree."""
+    return tree_map(mx.stop_gradient, tree)
+
+
+def tree_distance(a: Any, b: Any) -> mx.array:
+    """Euclidean distance between two trees of the same structure."""
+    leaves = [
+        mx.sum(mx.square(x - y))
+        for (_, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True)
+    ]
+    return mx.sqrt(sum(leaves, start=mx.array(0.0)))
+
+
+def broadcast_tasks(params: Any, num_tasks: int) -> Any:
+    """Each leaf repeated along a new leading task axis."""
+    return tree_map(lambda p: mx.broadcast_to(p, (num_tasks, *p.shape)), params)
