@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from metapeft import checkpoint
 from metapeft.learners.core import (
@@ -64,16 +64,20 @@ class MetaLearner:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr must be a finite float > 0, got {inner_lr!r}")
-        if not model.trainable_parameters():
+        if not tree_flatten(model.trainable_parameters()):
             raise ValueError("model has no trainable parameters to meta-learn")
         self.model = model
-        self.optimizer = optimizer if optimizer is not None else optim.Adam(1e-3)
+        self.optimizer = optimizer if optimizer is not None else self.default_optimizer()
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.batched = batched
         self.step = 0
         self._compiled: dict[Any, Any] = {}
         self._use_compile = compile
+
+    def default_optimizer(self) -> optim.Optimizer | None:
+        """The outer optimizer when none is given: bias-corrected Adam, as published MAML."""
+        return optim.Adam(1e-3, bias_correction=True)
 
     # ------------------------------------------------------------ meta-parameters
     def meta_parameters(self) -> dict[str, Any]:
@@ -135,14 +139,22 @@ class MetaLearner:
         ``support_loss`` is the mean support loss before adaptation, ``query_loss``
         the mean query loss after it, ``param_diff`` the mean distance the inner
         loop moved the parameters. A non-finite loss raises ``FloatingPointError``
-        and leaves the meta-parameters as they were.
+        and leaves the meta-parameters and the optimizer state as they were.
         """
+        _num_tasks(episodes)
         meta = self.meta_parameters()
-        new_meta, metrics = self._outer_step(meta, episodes, loss_fn)
-        mx.eval(new_meta, metrics)
+        data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+        state = self.optimizer.state if self.optimizer is not None else {}
+        saved = tree_map(lambda x: x, state)
+        if self.batched:
+            new_meta, metrics = self._compiled_step(loss_fn)(meta, *data)
+        else:
+            new_meta, metrics = self.outer_step(meta, data, loss_fn, batched=False)
+        mx.eval(new_meta, metrics, state)
         values = {k: v.item() for k, v in metrics.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
+            _assign(state, saved)
             raise FloatingPointError(
                 f"{self.name}: non-finite {', '.join(bad)} at meta-step {self.step + 1}; "
                 f"meta-parameters kept from step {self.step}"
@@ -151,58 +163,58 @@ class MetaLearner:
         self.step += 1
         return values
 
-    def _outer_step(self, meta: dict, episodes: Any, loss_fn: LossFn) -> tuple[dict, dict]:
-        """The new meta-parameters (lazy) and the step's metrics; gradient-based by default."""
-        grad_fn = self._batched_grad if self.batched else self._naive_grad
-        (loss, support, diff), grads = grad_fn(meta, episodes, loss_fn)
+    def outer_step(
+        self, meta: dict, data: tuple, loss_fn: LossFn, batched: bool
+    ) -> tuple[dict, dict[str, mx.array]]:
+        """The new meta-parameters and the step's metrics, lazily; a pure function of
+        (meta-parameters, episodes) and the optimizer state. Gradient-based by default."""
+        (query, support, diff), grads = (
+            self._batched_grad(meta, data, loss_fn)
+            if batched
+            else self._naive_grad(meta, data, loss_fn)
+        )
         new_meta = self.optimizer.apply_gradients(grads, meta)
-        return new_meta, {"support_loss": support, "query_loss": loss, "param_diff": diff}
+        return new_meta, {"support_loss": support, "query_loss": query, "param_diff": diff}
 
-    def _batched_grad(self, meta: dict, episodes: Any, loss_fn: LossFn) -> tuple:
-        fn = self._cached("grad", loss_fn, lambda: self._make_batched_grad(loss_fn))
-        return fn(meta, episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+    def _compiled_step(self, loss_fn: LossFn):
+        """``outer_step`` on the batched path, compiled with the optimizer state as state."""
+        if loss_fn not in self._compiled:
 
-    def _make_batched_grad(self, loss_fn: LossFn):
+            def step(meta, *data):
+                return self.outer_step(meta, data, loss_fn, batched=True)
+
+            if self._use_compile:
+                state = []
+                if self.optimizer is not None:
+                    self.optimizer.init(self.meta_parameters())
+                    state = [self.optimizer.state]
+                step = mx.compile(step, inputs=state, outputs=state)
+            self._compiled[loss_fn] = step
+        return self._compiled[loss_fn]
+
+    def _batched_grad(self, meta: dict, data: tuple, loss_fn: LossFn) -> tuple:
         def objective(meta, sx, sy, qx, qy):
             per_task = mx.vmap(
                 lambda m, a, b, c, d: self.task_objective(m, a, b, c, d, loss_fn, FUSED_UPDATE),
                 in_axes=(None, 0, 0, 0, 0),
             )(meta, sx, sy, qx, qy)
-            query, support, diff = (r.mean() for r in per_task)
-            return query, support, diff
+            return tuple(r.mean() for r in per_task)
 
-        return mx.value_and_grad(objective)
+        return mx.value_and_grad(objective)(meta, *data)
 
-    def _naive_grad(self, meta: dict, episodes: Any, loss_fn: LossFn) -> tuple:
+    def _naive_grad(self, meta: dict, data: tuple, loss_fn: LossFn) -> tuple:
         """The reference: one task at a time, stock MLX updates, gradients averaged."""
         grad_fn = mx.value_and_grad(
             lambda m, a, b, c, d: self.task_objective(m, a, b, c, d, loss_fn, REFERENCE_UPDATE)
         )
-        tasks = _num_tasks(episodes)
+        tasks = data[0].shape[0]
         total, grads = None, None
         for t in range(tasks):
-            values, g = grad_fn(
-                meta,
-                episodes.support_x[t],
-                episodes.support_y[t],
-                episodes.query_x[t],
-                episodes.query_y[t],
-            )
-            total = (
-                values
-                if total is None
-                else tuple(a + b for a, b in zip(total, values, strict=True))
-            )
+            values, g = grad_fn(meta, *(a[t] for a in data))
+            total = values if total is None else tuple(map(mx.add, total, values))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(total, grads)
         return tuple(v / tasks for v in total), tree_map(lambda g: g / tasks, grads)
-
-    def _cached(self, kind: str, loss_fn: LossFn, build):
-        key = (kind, loss_fn)
-        if key not in self._compiled:
-            fn = build()
-            self._compiled[key] = mx.compile(fn) if self._use_compile else fn
-        return self._compiled[key]
 
     # ------------------------------------------------------------ adapt, evaluate
     def adapt(
@@ -272,7 +284,10 @@ class MetaLearner:
         """Writes meta-parameters, optimizer state and step to ``path`` (safetensors), atomically."""
         checkpoint.save(
             path,
-            {"meta": self.meta_parameters(), "optimizer": self.optimizer.state},
+            {
+                "meta": self.meta_parameters(),
+                "optimizer": self.optimizer.state if self.optimizer is not None else {},
+            },
             {
                 "algorithm": self.name,
                 "step": self.step,
@@ -291,9 +306,10 @@ class MetaLearner:
             )
         checkpoint.check_like(path, "meta", trees.get("meta", {}), self.meta_parameters())
         self.set_meta_parameters(trees["meta"])
-        if trees.get("optimizer"):
+        if trees.get("optimizer") and self.optimizer is not None:
             self.optimizer.state = trees["optimizer"]
         self.step = int(metadata.get("step", 0))
+        self._compiled.clear()  # compiled steps hold the old optimizer state
 
 
 def _num_tasks(episodes: Any) -> int:
@@ -301,6 +317,16 @@ def _num_tasks(episodes: Any) -> int:
     if tasks < 1:
         raise ValueError("episodes hold no tasks (T=0)")
     return tasks
+
+
+def _assign(dst: Any, src: Any) -> None:
+    """Writes the leaves of ``src`` into the containers of ``dst`` (same structure), in place."""
+    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _assign(value, src[key])
+        else:
+            dst[key] = src[key]
 
 
 def _numpy(a: mx.array):

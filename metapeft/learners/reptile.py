@@ -51,30 +51,30 @@ class Reptile(MetaLearner):
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}")
         super().__init__(model, optimizer, inner_lr, inner_steps, batched, compile)
-        self.use_optimizer = optimizer is not None
         self.epsilon = float(epsilon)
 
-    def _outer_step(self, meta: dict, episodes: Any, loss_fn: LossFn) -> tuple[dict, dict]:
+    def default_optimizer(self) -> None:
+        """Reptile's own outer step (``ops.reptile_update``) needs no optimizer."""
+        return None
+
+    def outer_step(
+        self, meta: dict, data: tuple, loss_fn: LossFn, batched: bool
+    ) -> tuple[dict, dict[str, mx.array]]:
         params = stop_gradient(meta["params"])
-        args = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
-        if self.batched:
-            fn = self._cached("adapt", loss_fn, lambda: self._make_batched_adapt(loss_fn))
-            adapted, query, support = fn({"params": params}, *args)
+        if batched:
+            adapted, query, support = mx.vmap(
+                lambda m, a, b, c, d: self.adapt_task(m, a, b, c, d, loss_fn, FUSED_UPDATE),
+                in_axes=(None, 0, 0, 0, 0),
+            )({"params": params}, *data)
         else:
-            adapted, query, support = self._naive_adapt({"params": params}, args, loss_fn)
+            adapted, query, support = self._naive_adapt({"params": params}, data, loss_fn)
         diff = mx.vmap(tree_distance, in_axes=(0, None))(adapted, params).mean()
         metrics = {"support_loss": support.mean(), "query_loss": query.mean(), "param_diff": diff}
-        if self.use_optimizer:
+        if self.optimizer is not None:
             grads = tree_map(lambda p, a: p - a.mean(axis=0), params, adapted)
             return self.optimizer.apply_gradients({"params": grads}, meta), metrics
-        update = ops.reptile_update if self.batched else reference.reptile_update
+        update = ops.reptile_update if batched else reference.reptile_update
         return {"params": update(params, adapted, self.epsilon)}, metrics
-
-    def _make_batched_adapt(self, loss_fn: LossFn):
-        return mx.vmap(
-            lambda m, a, b, c, d: self.adapt_task(m, a, b, c, d, loss_fn, FUSED_UPDATE),
-            in_axes=(None, 0, 0, 0, 0),
-        )
 
     def _naive_adapt(self, meta: dict, args: tuple, loss_fn: LossFn) -> tuple:
         """The reference: one task at a time with stock MLX updates, results stacked."""
