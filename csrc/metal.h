@@ -6,11 +6,19 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common.h"
 #include "mlx/backend/metal/device.h"
 
 namespace metapeft {
+
+// The compute pipeline of kernel `name` in metapeft.metallib, which is
+// installed next to the extension (MLX caches both the library and the kernel).
+inline MTL::ComputePipelineState* get_kernel(const mx::Stream& s, const char* name) {
+  auto& d = mx::metal::device(s.device);
+  return d.get_kernel(name, d.get_library("metapeft", binary_dir()));
+}
 
 // The dtype code that load/store in kernels.h read: 0 float32, 1 float16,
 // 2 bfloat16. `op` names the primitive in the error message.

@@ -33,9 +33,7 @@ void Linear::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   }
 
   auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto lib = d.get_library("metapeft", binary_dir());
-  auto kernel = d.get_kernel("metapeft_linear", lib);
+  auto kernel = get_kernel(s, "metapeft_linear");
   auto& enc = mx::metal::get_command_encoder(s);
   enc.set_compute_pipeline_state(kernel);
 

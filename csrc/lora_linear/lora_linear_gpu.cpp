@@ -39,15 +39,13 @@ void LoraLinear::eval_gpu(
   }
 
   auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto lib = d.get_library("metapeft", binary_dir());
   auto& enc = mx::metal::get_command_encoder(s);
 
   // h = x @ A, kept in float32 for the second pass.
   mx::array h({static_cast<int>(rows), static_cast<int>(R)}, mx::float32, nullptr, {});
   h.set_data(mx::allocator::malloc(h.nbytes()));
   if (R > 0) {
-    auto down = d.get_kernel("metapeft_lora_down", lib);
+    auto down = get_kernel(s, "metapeft_lora_down");
     enc.set_compute_pipeline_state(down);
     enc.set_input_array(x, 0);
     enc.set_input_array(a, 1);
@@ -64,7 +62,7 @@ void LoraLinear::eval_gpu(
     dispatch_2d(enc, down, R, rows);
   }
 
-  auto kernel = d.get_kernel("metapeft_lora_linear", lib);
+  auto kernel = get_kernel(s, "metapeft_lora_linear");
   enc.set_compute_pipeline_state(kernel);
   set_input(enc, x, 0);
   set_input(enc, w, 1);

@@ -20,9 +20,7 @@ void ReptileUpdate::eval_gpu(
   size_t n = outputs.size();
   auto& eps = inputs.back();
   auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto lib = d.get_library("metapeft", binary_dir());
-  auto kernel = d.get_kernel("metapeft_reptile_update", lib);
+  auto kernel = get_kernel(s, "metapeft_reptile_update");
   auto& enc = mx::metal::get_command_encoder(s);
   enc.set_compute_pipeline_state(kernel);
 

@@ -35,9 +35,7 @@ mx::Strides broadcast_strides(const mx::array& a, int ndim) {
 void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   size_t n = outputs.size();
   auto& s = stream();
-  auto& d = mx::metal::device(s.device);
-  auto lib = d.get_library("metapeft", binary_dir());
-  auto kernel = d.get_kernel("metapeft_task_sgd", lib);
+  auto kernel = get_kernel(s, "metapeft_task_sgd");
   auto& enc = mx::metal::get_command_encoder(s);
   enc.set_compute_pipeline_state(kernel);
 
