@@ -1,0 +1,23 @@
+"""LoRA layers for MLX models on the fused primitives of :mod:`metapeft.ops`.
+
+- :class:`LoRALinear`: a frozen linear layer plus a trainable adapter, with
+  mlx-lm's names and shapes; one adapter, or one per task (leading axis ``T``).
+- :class:`BLASLinear` and :func:`use_blas_linear`: ``mlx.nn.Linear`` on the BLAS
+  kernel of ``ops.linear``.
+- :func:`apply_lora` and :func:`fuse_lora`: convert a model in place, and back.
+
+The trainable adapter tree is MLX's own ``model.trainable_parameters()``.
+
+Example:
+    >>> import mlx.nn as nn
+    >>> from metapeft.nn import apply_lora
+    >>> model = apply_lora(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
+    >>> from mlx.utils import tree_flatten
+    >>> [k for k, _ in tree_flatten(model.trainable_parameters())][:2]
+    ['layers.0.lora_a', 'layers.0.lora_b']
+"""
+
+from metapeft.nn.linear import BLASLinear, use_blas_linear
+from metapeft.nn.lora import LoRALinear, apply_lora, fuse_lora
+
+__all__ = ["BLASLinear", "LoRALinear", "apply_lora", "fuse_lora", "use_blas_linear"]
