@@ -281,7 +281,7 @@ class MetaLearner:
 
     # ---------------------------------------------------------------- save, load
     def save(self, path: str | Path) -> None:
-        """Writes meta-parameters, optimizer state and step to ``path`` (safetensors), atomically."""
+        """Writes meta-parameters, optimizer state and step to ``path``, atomically."""
         checkpoint.save(
             path,
             {
