@@ -6,10 +6,33 @@
 #define METAPEFT_CBLAS_SGEMM cblas_sgemm
 #else
 #include <cblas.h>
+
+#include <atomic>
 #define METAPEFT_CBLAS_SGEMM scipy_cblas_sgemm
 #endif
 
 namespace metapeft::blas {
+
+// Products below this many multiply-adds run on one thread: OpenBLAS would split
+// them across all cores, and the hand-off costs more than it saves (much more
+// when other processes keep the cores busy: a waiting worker is descheduled).
+constexpr double kParallelMacs = 1 << 24;
+
+#ifndef __APPLE__
+// OpenBLAS's own thread count when we started (OPENBLAS_NUM_THREADS or all cores).
+inline int max_threads() {
+  static const int threads = scipy_openblas_get_num_threads();
+  return threads;
+}
+
+// Sets OpenBLAS's (process-wide) thread count, calling it only on a change.
+inline void use_threads(int threads) {
+  static std::atomic<int> current{-1};
+  if (current.exchange(threads) != threads) {
+    scipy_openblas_set_num_threads(threads);
+  }
+}
+#endif
 
 // Row-major C = alpha * op(A) @ op(B) + beta * C, with op(X) = X or X^T.
 inline void sgemm(
@@ -26,6 +49,9 @@ inline void sgemm(
     float beta,
     float* c,
     int ldc) {
+#ifndef __APPLE__
+  use_threads(static_cast<double>(m) * n * k < kParallelMacs ? 1 : max_threads());
+#endif
   METAPEFT_CBLAS_SGEMM(
       CblasRowMajor,
       trans_a ? CblasTrans : CblasNoTrans,

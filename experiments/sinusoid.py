@@ -91,6 +91,24 @@ def run(name: str, steps: int, inner_steps: int, seed: int, eval_tasks: int) -> 
     return out
 
 
+def format_table(rows: list[dict]) -> list[str]:
+    """Markdown rows; a non-finite mean (the inner loop diverged) is reported as such."""
+
+    def cell(mean: float, ci: float) -> str:
+        return f"{mean:.3f} ± {ci:.3f}" if np.isfinite(mean) else "diverges"
+
+    table = [
+        "| algorithm | meta-steps | MSE after 1 step | MSE after 10 steps | train time |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['algorithm']} | {r['meta_steps']} | {cell(r['mse_1'], r['ci_1'])} | "
+            f"{cell(r['mse_10'], r['ci_10'])} | {r['train_seconds']:.0f} s |"
+        )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000)
@@ -104,15 +122,7 @@ def main() -> None:
     for name in args.algorithms.split(","):
         rows.append(run(name, args.steps, args.inner_steps, args.seed, args.eval_tasks))
         print(json.dumps(rows[-1]), flush=True)
-    table = [
-        "| algorithm | meta-steps | MSE after 1 step | MSE after 10 steps | train time |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['algorithm']} | {r['meta_steps']} | {r['mse_1']:.3f} ± {r['ci_1']:.3f} | "
-            f"{r['mse_10']:.3f} ± {r['ci_10']:.3f} | {r['train_seconds']:.0f} s |"
-        )
+    table = format_table(rows)
     print("\n".join(table))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
