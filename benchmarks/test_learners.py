@@ -5,7 +5,7 @@ Groups (each measured in one run):
   batched learner on BLAS layers, the same algorithm written as plain MLX
   vmap + compile, and the naive per-task loop.
 - a LoRA model (4 adapted 1024x1024 layers, r=8, T=16 tasks of 64 rows) for
-  MAML, FOMAML and Reptile: the batched learner on :class:`metapeft.nn.LoRALinear`
+  MAML, FOMAML, Meta-SGD and Reptile: the batched learner on :class:`metapeft.nn.LoRALinear`
   against the naive loop on stock-MLX LoRA layers.
 Peak memory of one step (``mx.get_peak_memory``) goes into ``extra_info``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from baselines import StockLoRALinear, mlx_vmap_compile_maml
 
-from metapeft.learners import FOMAML, MAML, Reptile
+from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.nn import LoRALinear, use_blas_linear
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution
 
@@ -114,6 +114,7 @@ def lora_episodes():
 LEARNERS = {
     "maml": lambda m, batched: MAML(m, inner_lr=0.01, inner_steps=1, batched=batched),
     "fomaml": lambda m, batched: FOMAML(m, inner_lr=0.01, inner_steps=1, batched=batched),
+    "metasgd": lambda m, batched: MetaSGD(m, inner_lr=0.01, inner_steps=1, batched=batched),
     "reptile": lambda m, batched: Reptile(m, inner_lr=0.01, inner_steps=3, batched=batched),
 }
 

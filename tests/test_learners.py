@@ -260,3 +260,33 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         MAML(mlp()).load(truncated)
     with pytest.raises(FileNotFoundError, match="missing"):
         MAML(mlp()).load(tmp_path / "missing.safetensors")
+
+
+def lora_mlp(seed=0):
+    from metapeft.nn import apply_lora
+
+    model = mlp(seed=seed, hidden=8)
+    apply_lora(model, rank=2, alpha=4.0)
+    # a non-zero lora_b, so that every adapter receives a gradient from the start
+    for layer in (model.layers[0], model.layers[2]):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(seed)) * 0.1
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "reptile"])
+def test_lora_model_batched_matches_naive_and_base_stays_frozen(name):
+    episodes = sinusoid_episodes()
+    runs = []
+    for batched in (True, False):
+        model = lora_mlp()
+        base = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if "lora" not in k}
+        learner = LEARNERS[name](model, inner_lr=0.02, inner_steps=2, batched=batched)
+        for _ in range(2):
+            learner.meta_train_step(episodes, mse)
+        trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+        assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+        after = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if "lora" not in k}
+        assert all(np.array_equal(base[k], after[k]) for k in base)
+        runs.append(learner.meta_parameters())
+    assert max_diff(*runs) < 1e-4
