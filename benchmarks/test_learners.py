@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from baselines import StockLoRALinear, mlx_vmap_compile_maml
 
+from benchmarks.baselines import StockLoRALinear, mlx_vmap_compile_maml
 from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.nn import LoRALinear, use_blas_linear
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution

@@ -1,0 +1,1 @@
+"""Benchmarks: pytest-benchmark groups comparing fused paths with stock MLX."""
