@@ -25,17 +25,20 @@ def report(data: dict) -> str:
         f"BLAS {m.get('blas')}, metapeft {m.get('metapeft_version')} "
         f"({m.get('metapeft_commit')}); run {data.get('datetime', '?')}",
         "",
-        "| group | implementation | median | fused is faster by |",
-        "|---|---|---:|---:|",
+        "| group | implementation | median | fused is faster by | peak memory |",
+        "|---|---|---:|---:|---:|",
     ]
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
-        groups[bench["group"]][_impl(bench)] = bench["stats"]["median"]
-    for group, medians in groups.items():
-        fused = medians.get("fused")
-        for impl, median in sorted(medians.items(), key=lambda kv: kv[1]):
+        groups[bench["group"]][_impl(bench)] = bench
+    for group, benches in groups.items():
+        fused = benches["fused"]["stats"]["median"] if "fused" in benches else None
+        for impl, bench in sorted(benches.items(), key=lambda kv: kv[1]["stats"]["median"]):
+            median = bench["stats"]["median"]
             ratio = f"{median / fused:.2f}x" if fused else "-"
-            lines.append(f"| {group} | {impl} | {_fmt(median)} | {ratio} |")
+            peak = bench.get("extra_info", {}).get("peak_memory_bytes")
+            memory = f"{peak / 2**20:.1f} MiB" if peak else "-"
+            lines.append(f"| {group} | {impl} | {_fmt(median)} | {ratio} | {memory} |")
     return "\n".join(lines) + "\n"
 
 

@@ -104,7 +104,9 @@ def pretrained(seed: int, epochs: int = 30) -> nn.Sequential:
 def score(model: nn.Module, episodes, steps: int) -> tuple[float, float]:
     """Accuracy after fine-tuning every episode from ``model`` with plain SGD."""
     plain = MAML(model, inner_lr=INNER_LR)
-    return confidence(plain.evaluate(episodes, cross_entropy, steps, accuracy)["query_metrics"])
+    return confidence(
+        plain.evaluate(episodes, steps, loss_fn=cross_entropy, metric_fn=accuracy)["query_metrics"]
+    )
 
 
 def main() -> None:
@@ -131,7 +133,7 @@ def main() -> None:
                         f"  {shots}-shot {name} step {step}: query {metrics['query_loss']:.3f}",
                         flush=True,
                     )
-            out = learner.evaluate(test, cross_entropy, args.eval_steps, accuracy)
+            out = learner.evaluate(test, args.eval_steps, loss_fn=cross_entropy, metric_fn=accuracy)
             rows.append(
                 {
                     "shots": shots,

@@ -86,7 +86,7 @@ def run(name: str, steps: int, inner_steps: int, seed: int, eval_tasks: int) -> 
     # evaluation uses plain SGD with the published step (Meta-SGD: its learned rates)
     out = {"algorithm": name, "meta_steps": steps, "train_seconds": seconds}
     for k in (1, 10):
-        losses = meta.evaluate(test, mse, steps=k)["query_losses"]
+        losses = meta.evaluate(test, steps=k, loss_fn=mse)["query_losses"]
         out[f"mse_{k}"], out[f"ci_{k}"] = confidence(losses)
     return out
 

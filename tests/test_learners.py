@@ -153,7 +153,7 @@ def test_adapt_leaves_meta_parameters_unchanged(name):
     learner = LEARNERS[name](model, inner_lr=0.05)
     learner.meta_train_step(episodes, mse)
     before = [np.array(v) for _, v in tree_flatten(learner.meta_parameters())]
-    adapted = learner.adapt(episodes.support_x[0], episodes.support_y[0], mse, steps=5)
+    adapted = learner.adapt(episodes.support_x[0], episodes.support_y[0], steps=5, loss_fn=mse)
     after = [np.array(v) for _, v in tree_flatten(learner.meta_parameters())]
     for a, b in zip(before, after, strict=True):
         assert np.array_equal(a, b)
@@ -167,7 +167,7 @@ def test_adapt_leaves_meta_parameters_unchanged(name):
 def test_evaluate_returns_per_task_losses():
     episodes = sinusoid_episodes(tasks=5)
     learner = MAML(mlp(), inner_lr=0.01)
-    out = learner.evaluate(episodes, mse, steps=3, metric_fn=mse)
+    out = learner.evaluate(episodes, steps=3, loss_fn=mse, metric_fn=mse)
     assert out["query_losses"].shape == (5,)
     assert out["query_metrics"].shape == (5,)
     assert out["query_loss"] == pytest.approx(float(out["query_losses"].mean()), rel=1e-5)
@@ -178,8 +178,8 @@ def test_evaluate_returns_per_task_losses():
         query_x=episodes.support_x,
         query_y=episodes.support_y,
     )
-    before = learner.evaluate(own, mse, steps=0)["query_losses"]
-    after = learner.evaluate(own, mse, steps=10)["query_losses"]
+    before = learner.evaluate(own, steps=0, loss_fn=mse)["query_losses"]
+    after = learner.evaluate(own, steps=10, loss_fn=mse)["query_losses"]
     assert (after < before).all()
 
 
@@ -290,3 +290,13 @@ def test_lora_model_batched_matches_naive_and_base_stays_frozen(name):
         assert all(np.array_equal(base[k], after[k]) for k in base)
         runs.append(learner.meta_parameters())
     assert max_diff(*runs) < 1e-4
+
+
+def test_loss_fn_given_once_serves_adapt_and_evaluate():
+    episodes = sinusoid_episodes(tasks=3)
+    learner = MAML(mlp(), inner_lr=0.01, loss_fn=mse)
+    learner.meta_train_step(episodes)
+    assert learner.evaluate(episodes, steps=1)["query_losses"].shape == (3,)
+    learner.adapt(episodes.support_x[0], episodes.support_y[0])
+    with pytest.raises(ValueError, match="no loss_fn"):
+        MAML(mlp()).evaluate(episodes)

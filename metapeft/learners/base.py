@@ -43,7 +43,10 @@ class MetaLearner:
         inner_lr: Step size of the inner SGD loop.
         inner_steps: Inner steps per task during meta-training.
         batched: All tasks at once (fast path) or a loop over tasks (reference).
-        compile: Wrap the meta-gradient in ``mx.compile`` (batched path only).
+        compile: Wrap the meta-step in ``mx.compile`` (batched path only).
+        loss_fn: ``loss_fn(model, x, y) -> scalar`` for one task (MLX's convention).
+            It may instead be given to :meth:`meta_train_step`, which remembers it
+            for :meth:`adapt` and :meth:`evaluate`.
     """
 
     name = "meta_learner"
@@ -57,6 +60,7 @@ class MetaLearner:
         inner_steps: int = 1,
         batched: bool = True,
         compile: bool = True,
+        loss_fn: LossFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
@@ -71,6 +75,7 @@ class MetaLearner:
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.batched = batched
+        self.loss_fn = loss_fn
         self.step = 0
         self._compiled: dict[Any, Any] = {}
         self._use_compile = compile
@@ -133,7 +138,7 @@ class MetaLearner:
         return query_loss, support_loss, tree_distance(adapted, meta["params"])
 
     # --------------------------------------------------------------- meta-step
-    def meta_train_step(self, episodes: Any, loss_fn: LossFn) -> dict[str, float]:
+    def meta_train_step(self, episodes: Any, loss_fn: LossFn | None = None) -> dict[str, float]:
         """One outer step on a meta-batch; returns ``support_loss``, ``query_loss``, ``param_diff``.
 
         ``support_loss`` is the mean support loss before adaptation, ``query_loss``
@@ -142,6 +147,8 @@ class MetaLearner:
         and leaves the meta-parameters and the optimizer state as they were.
         """
         _num_tasks(episodes)
+        loss_fn = self._loss(loss_fn)
+        self.loss_fn = loss_fn
         meta = self.meta_parameters()
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
         state = self.optimizer.state if self.optimizer is not None else {}
@@ -218,7 +225,12 @@ class MetaLearner:
 
     # ------------------------------------------------------------ adapt, evaluate
     def adapt(
-        self, support_x: mx.array, support_y: mx.array, loss_fn: LossFn, steps: int | None = None
+        self,
+        support_x: mx.array,
+        support_y: mx.array,
+        steps: int | None = None,
+        *,
+        loss_fn: LossFn | None = None,
     ) -> Any:
         """Adapted parameters for one new task, from its support set.
 
@@ -228,7 +240,7 @@ class MetaLearner:
         """
         steps = self.inner_steps if steps is None else steps
         meta = stop_gradient(self.meta_parameters())
-        task_loss = make_task_loss(self.model, loss_fn)
+        task_loss = make_task_loss(self.model, self._loss(loss_fn))
         adapted, _ = inner_loop(
             task_loss,
             meta["params"],
@@ -245,8 +257,9 @@ class MetaLearner:
     def evaluate(
         self,
         episodes: Any,
-        loss_fn: LossFn,
         steps: int | None = None,
+        *,
+        loss_fn: LossFn | None = None,
         metric_fn: LossFn | None = None,
     ) -> dict[str, Any]:
         """Adapt every task for ``steps`` steps and score its query set.
@@ -255,6 +268,8 @@ class MetaLearner:
         per-task ``query_losses`` (and ``query_metrics`` when ``metric_fn(model,
         x, y)`` is given, e.g. accuracy) as numpy arrays, for confidence intervals.
         """
+        _num_tasks(episodes)
+        loss_fn = self._loss(loss_fn)
         meta = stop_gradient(self.meta_parameters())
         metric = make_task_loss(self.model, metric_fn) if metric_fn else None
 
@@ -278,6 +293,15 @@ class MetaLearner:
         if metric is not None:
             out["query_metrics"] = _numpy(results[2])
         return out
+
+    def _loss(self, loss_fn: LossFn | None) -> LossFn:
+        loss_fn = loss_fn if loss_fn is not None else self.loss_fn
+        if loss_fn is None:
+            raise ValueError(
+                f"{self.name}: no loss_fn: pass loss_fn(model, x, y) to the learner "
+                "or to meta_train_step"
+            )
+        return loss_fn
 
     # ---------------------------------------------------------------- save, load
     def save(self, path: str | Path) -> None:
