@@ -288,6 +288,27 @@ float scalar_float(const Operand& op) {
   return v;
 }
 
+mx::array sum_axes(
+    const mx::array& a,
+    const std::vector<int>& axes,
+    bool keepdims,
+    mx::StreamOrDevice s) {
+  if (a.size() > 0) {
+    return mx::sum(a, axes, keepdims, s);
+  }
+  auto shape = a.shape();
+  for (int ax : axes) {
+    shape[ax] = keepdims ? 1 : -1;
+  }
+  mx::Shape out;
+  for (int d : shape) {
+    if (d >= 0) {
+      out.push_back(d);
+    }
+  }
+  return mx::zeros(out, a.dtype(), s);
+}
+
 mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrDevice s) {
   int extra = a.ndim() - shape.size();
   std::vector<int> axes;
@@ -296,7 +317,7 @@ mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrD
       axes.push_back(ax);
     }
   }
-  auto out = axes.empty() ? a : mx::sum(a, axes, true, s);
+  auto out = axes.empty() ? a : sum_axes(a, axes, true, s);
   return mx::reshape(out, shape, s);
 }
 

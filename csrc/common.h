@@ -148,6 +148,10 @@ const float* dense_float(const Operand& op, std::vector<float>& scratch);
 // Reads a scalar operand as float.
 float scalar_float(const Operand& op);
 
+// mx::sum over `axes`, or zeros of the reduced shape when `a` is empty: MLX
+// 0.32.4's CPU reduction of an empty array can hang.
+mx::array sum_axes(const mx::array& a, const std::vector<int>& axes, bool keepdims, mx::StreamOrDevice s);
+
 // Sums `a` down to `shape`, which broadcasts to a.shape() (numpy rules).
 mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrDevice s);
 

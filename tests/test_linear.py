@@ -5,6 +5,9 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from conftest import (
     BAD_DTYPES,
     DTYPES,
@@ -33,9 +36,6 @@ from conftest import (
     to_np,
     tol,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
 from metapeft import ops, reference
 
 BIAS_KINDS = [None, "shared", "task"]
@@ -83,8 +83,11 @@ def test_values(dtype, shape, bias_kind, lay, seed):
 
 
 @pytest.mark.parametrize("per_task", [False, True], ids=["single", "per_task"])
-@pytest.mark.parametrize("dtypes", list(itertools.product(DTYPES, repeat=3)),
-                         ids=lambda ds: "-".join(map(dtype_name, ds)))
+@pytest.mark.parametrize(
+    "dtypes",
+    list(itertools.product(DTYPES, repeat=3)),
+    ids=lambda ds: "-".join(map(dtype_name, ds)),
+)
 def test_mixed_dtypes_promote(dtypes, per_task):
     shape = LayerShape(per_task, 2, (3,), 5, 4)
     x, w, b = make_args(np.random.default_rng(0), shape, dtypes, "task")
@@ -100,6 +103,25 @@ def test_noncontiguous(per_task, layout, which):
     for dtype in DTYPES:
         x, w, b = make_args(np.random.default_rng(1), shape, dtype, "task", lay)
         check_values(x, w, b, k=shape.d_in)
+
+
+LARGE = [
+    pytest.param(LayerShape(False, 1, (4, 96), 1024, 384), id="single-384x1024"),
+    pytest.param(LayerShape(True, 8, (64,), 512, 256), id="per_task-T8"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "swapped", "strided", "broadcast"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("shape", LARGE)
+def test_large_shapes(shape, dtype, layout):
+    """Sizes where BLAS blocks and threads, values and gradients."""
+    rng = np.random.default_rng(13)
+    x, w, b = make_args(rng, shape, dtype, "task", (layout,) * 3)
+    check_values(x, w, b, k=shape.d_in)
+    args, op_fn, ref_fn, names = present([x, w, b])
+    check_grads(op_fn, ref_fn, args, names, rng, k=shape.rows * shape.T)
 
 
 EMPTY = [
@@ -124,8 +146,11 @@ def test_empty_dims(shape, bias_kind):
         if shape.d_in == 0:
             # Nothing to sum: the output is the bias (or zeros), broadcast over the rows.
             expected = np.broadcast_to(
-                np_linear(np.zeros(shape.x), np.zeros(shape.weight),
-                          None if b is None else to_np(b)), shape.x[:-1] + (shape.d_out,))
+                np_linear(
+                    np.zeros(shape.x), np.zeros(shape.weight), None if b is None else to_np(b)
+                ),
+                shape.x[:-1] + (shape.d_out,),
+            )
             assert_close(ops.linear(x, w, b), expected, dtype, label="d_in=0 gives the bias")
     args, op_fn, ref_fn, names = present(make_args(rng, shape, mx.float32, bias_kind))
     check_grads(op_fn, ref_fn, args, names, rng)
@@ -179,8 +204,9 @@ def vmap_cases():
             ndims = [len(shape.x), len(shape.weight), None if b is None else len(b)]
             for axes in in_axes_combos(ndims):
                 mode = "per_task" if per_task else "single"
-                yield pytest.param(per_task, bias_kind, axes,
-                                   id=f"{mode}-bias_{bias_kind}-{axes_id(axes)}")
+                yield pytest.param(
+                    per_task, bias_kind, axes, id=f"{mode}-bias_{bias_kind}-{axes_id(axes)}"
+                )
 
 
 @pytest.mark.parametrize("per_task, bias_kind, in_axes", list(vmap_cases()))
@@ -257,8 +283,9 @@ BAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("x_shape, w_shape, b_shape, names",
-                         [pytest.param(*c[1:], id=c[0]) for c in BAD_SHAPES])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, names", [pytest.param(*c[1:], id=c[0]) for c in BAD_SHAPES]
+)
 def test_bad_shapes(x_shape, w_shape, b_shape, names):
     rng = np.random.default_rng(12)
     x, w = rand(rng, x_shape), rand(rng, w_shape)

@@ -6,6 +6,9 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from conftest import (
     BAD_DTYPES,
     DTYPES,
@@ -35,9 +38,6 @@ from conftest import (
     to_np,
     tol,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
 from metapeft import ops
 from metapeft import reference as ref
 
@@ -54,8 +54,10 @@ def make_args(rng, shape, dtypes, bias_kind, shared_w=True, lay=("contiguous",) 
     w_shape = shape.weight[-2:] if shared_w else shape.weight
     b_shape = shape.bias(bias_kind)
     shapes = [shape.x, w_shape, shape.lora_a, shape.lora_b, b_shape]
-    return [None if s is None else rand(rng, s, d, layout)
-            for s, d, layout in zip(shapes, dtypes, lay, strict=True)]
+    return [
+        None if s is None else rand(rng, s, d, layout)
+        for s, d, layout in zip(shapes, dtypes, lay, strict=True)
+    ]
 
 
 def present(args, scale=SCALE):
@@ -71,6 +73,14 @@ def present(args, scale=SCALE):
     return args, op_fn, ref_fn, NAMES
 
 
+def base_layer(x, w, bias):
+    """ops.linear as the base of a LoRA layer: a weight shared by per-task adapters
+    goes to ops.linear broadcast over the tasks (its per-task bias needs a per-task weight)."""
+    if bias is not None and bias.ndim == 2 and w.ndim == 2:
+        w = mx.broadcast_to(w, (x.shape[0], *w.shape))
+    return ops.linear(x, w, bias)
+
+
 def np_lora(x, w, a, b, scale, bias=None):
     per_task = a.ndim == 3
     low = np_matmul_rows(np_matmul_rows(x, a, per_task), b, per_task)
@@ -83,10 +93,14 @@ def check_values(args, scale, k):
     out_dtype = promote(*(t.dtype for t in present_))
     rtol = tol(coarsest(*(t.dtype for t in present_)), k)
     out = ops.lora_linear(x, w, a, b, scale, bias)
-    expected = np_lora(*(None if t is None else to_np(t) for t in (x, w, a, b)), scale,
-                       None if bias is None else to_np(bias))
-    assert_close(out, ref.lora_linear(x, w, a, b, scale, bias), out_dtype, rtol=rtol,
-                 label="vs reference")
+    expected = np_lora(
+        *(None if t is None else to_np(t) for t in (x, w, a, b)),
+        scale,
+        None if bias is None else to_np(bias),
+    )
+    assert_close(
+        out, ref.lora_linear(x, w, a, b, scale, bias), out_dtype, rtol=rtol, label="vs reference"
+    )
     assert_close(out, expected, out_dtype, rtol=rtol, label="vs numpy")
 
 
@@ -112,8 +126,9 @@ def mixed_cases():
                 dtypes = [mx.float32] * 5
                 dtypes[i] = other
                 yield pytest.param(mode, dtypes, id=f"{mode}-{name}_{dtype_name(other)}")
-        yield pytest.param(mode, [mx.float16, mx.bfloat16] * 2 + [mx.float16],
-                           id=f"{mode}-float16_bfloat16")
+        yield pytest.param(
+            mode, [mx.float16, mx.bfloat16] * 2 + [mx.float16], id=f"{mode}-float16_bfloat16"
+        )
 
 
 @pytest.mark.parametrize("mode, dtypes", list(mixed_cases()))
@@ -142,14 +157,38 @@ def test_zero_adapter_is_the_base_layer(dtype, mode):
     """As in mlx-lm: a fresh adapter (lora_b = 0), or scale 0, gives the base linear layer."""
     per_task, shared_w = MODES[mode]
     rng = np.random.default_rng(2)
-    x, w, a, b, bias = make_args(rng, LayerShape(per_task, 3, (4,), 6, 5, r=2), dtype, "task",
-                                 shared_w)
-    base = ops.linear(x, w, bias)
+    x, w, a, b, bias = make_args(
+        rng, LayerShape(per_task, 3, (4,), 6, 5, r=2), dtype, "task", shared_w
+    )
+    base = base_layer(x, w, bias)
     fresh = ops.lora_linear(x, w, a, mx.zeros_like(b), SCALE, bias)
     assert_close(fresh, base, dtype, label="lora_b = 0")
     assert_close(ops.lora_linear(x, w, a, b, 0.0, bias), base, dtype, label="scale = 0")
     perturbed = ops.lora_linear(x, w, a, b, SCALE, bias)
     assert not np.allclose(to_np(perturbed), to_np(base)), "a non-zero adapter changed nothing"
+
+
+LARGE = [
+    pytest.param("single", LayerShape(False, 1, (4, 96), 1024, 384, r=16), id="single"),
+    pytest.param("per_task", LayerShape(True, 8, (64,), 512, 256, r=16), id="per_task"),
+    pytest.param(
+        "per_task_shared_w", LayerShape(True, 8, (64,), 512, 256, r=8), id="per_task_shared_w"
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("mode, shape", LARGE)
+def test_large_shapes(mode, shape, dtype, layout):
+    """Sizes where BLAS blocks and threads, values and gradients."""
+    _, shared_w = MODES[mode]
+    rng = np.random.default_rng(16)
+    args = make_args(rng, shape, dtype, "task", shared_w, (layout,) * 5)
+    check_values(args, SCALE, k=shape.d_in + shape.r)
+    args, op_fn, ref_fn, names = present(args)
+    check_grads(op_fn, ref_fn, args, names, rng, k=shape.rows * shape.T)
 
 
 EMPTY = [
@@ -176,8 +215,12 @@ def test_empty_dims(mode, shape, bias_kind):
         check_values(args, SCALE, k=1)
         if shape.r == 0:
             x, w, a, b, bias = args
-            assert_close(ops.lora_linear(*args[:4], SCALE, bias), ops.linear(x, w, bias), dtype,
-                         label="r=0 gives the base layer")
+            assert_close(
+                ops.lora_linear(*args[:4], SCALE, bias),
+                base_layer(x, w, bias),
+                dtype,
+                label="r=0 gives the base layer",
+            )
     args, op_fn, ref_fn, names = present(make_args(rng, shape, mx.float32, bias_kind, shared_w))
     check_grads(op_fn, ref_fn, args, names, rng)
 
@@ -219,8 +262,7 @@ def test_second_order(dtype, mode, inner):
     """e.g. the gradient with respect to lora_a of a function of the gradient in x."""
     per_task, shared_w = MODES[mode]
     rng = np.random.default_rng(5)
-    args, op_fn, ref_fn, names = present(
-        make_args(rng, SMALL[per_task], dtype, "task", shared_w))
+    args, op_fn, ref_fn, names = present(make_args(rng, SMALL[per_task], dtype, "task", shared_w))
     check_second_order(op_fn, ref_fn, args, names, inner, rng, k=12)
 
 
@@ -236,16 +278,24 @@ def test_jvp(dtype, mode, bias_kind):
     check_jvp(op_fn, ref_fn, args, names, rng, k=12)
 
 
-VMAP_SHAPE = {False: LayerShape(False, 1, (2,), 3, 4, r=2), True: LayerShape(True, 2, (2,), 3, 4, r=2)}
-VMAP_MODES = [("single", "shared"), ("single", None), ("per_task", "task"),
-              ("per_task_shared_w", "shared")]
+VMAP_SHAPE = {
+    False: LayerShape(False, 1, (2,), 3, 4, r=2),
+    True: LayerShape(True, 2, (2,), 3, 4, r=2),
+}
+VMAP_MODES = [
+    ("single", "shared"),
+    ("single", None),
+    ("per_task", "task"),
+    ("per_task_shared_w", "shared"),
+]
 
 
 def vmap_cases():
     for mode, bias_kind in VMAP_MODES:
         per_task, shared_w = MODES[mode]
-        shapes = make_args(np.random.default_rng(0), VMAP_SHAPE[per_task], mx.float32,
-                           bias_kind, shared_w)
+        shapes = make_args(
+            np.random.default_rng(0), VMAP_SHAPE[per_task], mx.float32, bias_kind, shared_w
+        )
         for axes in in_axes_combos([None if a is None else a.ndim for a in shapes]):
             yield pytest.param(mode, bias_kind, axes, id=f"{mode}-bias_{bias_kind}-{axes_id(axes)}")
 
@@ -254,8 +304,9 @@ def vmap_cases():
 def test_vmap_in_axes(mode, bias_kind, in_axes):
     per_task, shared_w = MODES[mode]
     rng = np.random.default_rng(7)
-    args = batched(rng, make_args(rng, VMAP_SHAPE[per_task], mx.float32, bias_kind, shared_w),
-                   in_axes)
+    args = batched(
+        rng, make_args(rng, VMAP_SHAPE[per_task], mx.float32, bias_kind, shared_w), in_axes
+    )
     args, op_fn, ref_fn, _ = present(args)
     check_vmap(op_fn, ref_fn, args, in_axes[: len(args)], k=5)
 
@@ -264,8 +315,9 @@ def test_vmap_in_axes(mode, bias_kind, in_axes):
 def test_vmap_middle_axis(mode):
     per_task, shared_w = MODES[mode]
     rng = np.random.default_rng(8)
-    args = batched(rng, make_args(rng, VMAP_SHAPE[per_task], mx.float16, "task", shared_w),
-                   (1,) * 5)
+    args = batched(
+        rng, make_args(rng, VMAP_SHAPE[per_task], mx.float16, "task", shared_w), (1,) * 5
+    )
     args, op_fn, ref_fn, _ = present(args)
     check_vmap(op_fn, ref_fn, args, (1,) * 5, k=5)
 
@@ -314,8 +366,12 @@ def test_compile_keeps_scales_apart():
 
     got = mx.compile(two_scales)(x, w, a, b, bias)
     for out, scale in zip(got, (0.5, 2.0), strict=True):
-        assert_close(out, ref.lora_linear(x, w, a, b, scale, bias), mx.float32,
-                     label=f"compiled, scale={scale}")
+        assert_close(
+            out,
+            ref.lora_linear(x, w, a, b, scale, bias),
+            mx.float32,
+            label=f"compiled, scale={scale}",
+        )
 
 
 @pytest.mark.parametrize("bad", BAD_DTYPES, ids=dtype_name)
@@ -354,17 +410,24 @@ BAD_SHAPES = [
     ("T_adapters", (2, 5, 3), (4, 3), (2, 3, 2), (3, 2, 4), None, ["lora_a", "lora_b"]),
     ("T_x", (3, 5, 3), (4, 3), (2, 3, 2), (2, 2, 4), None, ["x"]),
     ("T_weight", (2, 5, 3), (3, 4, 3), (2, 3, 2), (2, 2, 4), None, ["weight"]),
-    ("per_task_rank_mismatch", (2, 5, 3), (4, 3), (2, 3, 2), (2, 3, 4), None,
-     ["lora_a", "lora_b"]),
-    ("per_task_lora_b_d_out", (2, 5, 3), (2, 4, 3), (2, 3, 2), (2, 2, 6), None,
-     ["lora_b", "weight"]),
+    ("per_task_rank_mismatch", (2, 5, 3), (4, 3), (2, 3, 2), (2, 3, 4), None, ["lora_a", "lora_b"]),
+    (
+        "per_task_lora_b_d_out",
+        (2, 5, 3),
+        (2, 4, 3),
+        (2, 3, 2),
+        (2, 2, 6),
+        None,
+        ["lora_b", "weight"],
+    ),
     ("per_task_bias_T", (2, 5, 3), (4, 3), (2, 3, 2), (2, 2, 4), (3, 4), ["bias"]),
     ("per_task_bias_d_out", (2, 5, 3), (4, 3), (2, 3, 2), (2, 2, 4), (2, 6), ["bias"]),
 ]
 
 
-@pytest.mark.parametrize("x_s, w_s, a_s, b_s, bias_s, names",
-                         [pytest.param(*c[1:], id=c[0]) for c in BAD_SHAPES])
+@pytest.mark.parametrize(
+    "x_s, w_s, a_s, b_s, bias_s, names", [pytest.param(*c[1:], id=c[0]) for c in BAD_SHAPES]
+)
 def test_bad_shapes(x_s, w_s, a_s, b_s, bias_s, names):
     rng = np.random.default_rng(15)
     x, w, a, b = (rand(rng, s) for s in (x_s, w_s, a_s, b_s))

@@ -218,7 +218,7 @@ mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s) {
   for (int ax = per_task ? 1 : 0; ax < static_cast<int>(g.ndim()) - 1; ++ax) {
     axes.push_back(ax);
   }
-  return axes.empty() ? g : mx::sum(g, axes, false, s);
+  return axes.empty() ? g : sum_axes(g, axes, false, s);
 }
 
 mx::array expand_bias(const mx::array& bias, int ndim, mx::StreamOrDevice s) {

@@ -1,6 +1,7 @@
 #include "reptile_update/reptile_update.h"
 
 #include <cmath>
+#include <numeric>
 
 #include "mlx/backend/cpu/encoder.h"
 
@@ -52,7 +53,10 @@ void reptile_range(
 }
 
 mx::array task_mean(const mx::array& a, mx::StreamOrDevice s) {
-  return mx::mean(mx::astype(a, mx::float32, s), 0, false, s);
+  // The mean over no tasks is NaN (as in MLX), without reducing an empty array.
+  auto a32 = mx::astype(a, mx::float32, s);
+  auto count = mx::array(static_cast<float>(a.shape(0)));
+  return mx::divide(sum_axes(a32, {0}, false, s), count, s);
 }
 
 } // namespace
@@ -166,7 +170,10 @@ std::vector<mx::array> ReptileUpdate::vjp(
       std::optional<mx::array> total;
       for (size_t i = 0; i < n; ++i) {
         auto diff = mx::subtract(task_mean(primals[n + i], s), primals[i], s);
-        auto term = mx::sum(mx::multiply(cotangents[i], diff, s), s);
+        auto prod = mx::multiply(cotangents[i], diff, s);
+        std::vector<int> all(prod.ndim());
+        std::iota(all.begin(), all.end(), 0);
+        auto term = sum_axes(prod, all, false, s);
         total = total ? mx::add(*total, term, s) : term;
       }
       grad = *total;
