@@ -9,12 +9,15 @@ distributions in :mod:`metapeft.tasks` and the meta-learners in
 import mlx.core  # noqa: F401  (loads libmlx before the extension)
 
 from metapeft import nn, ops, reference
+from metapeft.config import ConfigError, MetaLearningConfig
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
+    "MetaLearningConfig",
     "FOMAML",
     "MAML",
     "Episodes",

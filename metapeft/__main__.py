@@ -1,5 +1,5 @@
-"""``python -m metapeft``: check the install (see :mod:`metapeft.selfcheck`)."""
+"""``python -m metapeft``: the command line (see :mod:`metapeft.cli`)."""
 
-from metapeft.selfcheck import main
+from metapeft.cli import main
 
-raise SystemExit(main())
+main()

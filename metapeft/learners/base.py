@@ -304,8 +304,12 @@ class MetaLearner:
         return loss_fn
 
     # ---------------------------------------------------------------- save, load
-    def save(self, path: str | Path) -> None:
-        """Writes meta-parameters, optimizer state and step to ``path``, atomically."""
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Writes meta-parameters, optimizer state and step to ``path``, atomically.
+
+        ``extra`` (JSON-serialisable) is stored in the metadata, e.g. a task sampler's
+        RNG state for resuming; :meth:`load` returns it.
+        """
         checkpoint.save(
             path,
             {
@@ -317,11 +321,13 @@ class MetaLearner:
                 "step": self.step,
                 "inner_lr": self.inner_lr,
                 "inner_steps": self.inner_steps,
+                "extra": extra or {},
             },
         )
 
-    def load(self, path: str | Path) -> None:
-        """Restores a checkpoint written by :meth:`save` for the same algorithm and model."""
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restores a checkpoint written by :meth:`save` for the same algorithm and model;
+        returns the ``extra`` metadata saved with it."""
         trees, metadata = checkpoint.load(path)
         if metadata.get("algorithm") != self.name:
             raise ValueError(
@@ -334,6 +340,7 @@ class MetaLearner:
             self.optimizer.state = trees["optimizer"]
         self.step = int(metadata.get("step", 0))
         self._compiled.clear()  # compiled steps hold the old optimizer state
+        return metadata.get("extra", {})
 
 
 def _num_tasks(episodes: Any) -> int:

@@ -1,0 +1,200 @@
+"""A meta-training run from a :class:`~metapeft.config.MetaLearningConfig`.
+
+:func:`train` builds the model, the learner and the task distributions a config
+describes, meta-trains with a progress bar, evaluates on held-out tasks, writes
+metrics (``metrics.jsonl``), checkpoints (``checkpoints/last.safetensors`` every
+``checkpoint_every`` steps and ``checkpoints/best.safetensors`` by validation
+query loss) and the resolved config (``config.yaml``) into the output folder, and
+can resume from ``last`` to the same parameters an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
+from metapeft.nn import apply_lora, use_blas_linear
+from metapeft.tasks import TaskDistribution
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def mse(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    """Mean squared error of ``model(x)`` against ``y``."""
+    return nn.losses.mse_loss(model(x), y)
+
+
+def cross_entropy(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    """Mean cross-entropy of the logits ``model(x)`` against integer labels ``y``."""
+    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+def accuracy(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    """Fraction of ``y`` predicted by the arg-max of ``model(x)``."""
+    return (mx.argmax(model(x), axis=-1) == y).astype(mx.float32).mean()
+
+
+LOSSES = {"mse": mse, "cross_entropy": cross_entropy}
+
+
+@dataclass
+class RunPaths:
+    """Where a run keeps its outputs."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.safetensors"
+
+
+def build_model(config: Any) -> nn.Module:
+    """The MLP the config describes, with LoRA adapters or BLAS layers as asked."""
+    spec = config.model
+    dims = config.layer_sizes
+    mx.random.seed(config.training.seed)
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(ACTIVATIONS[spec.activation]())
+    model = nn.Sequential(*layers)
+    if spec.lora is not None:
+        lora = spec.lora
+        apply_lora(
+            model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, spec.blas_linear
+        )
+    elif spec.blas_linear:
+        use_blas_linear(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_learner(config: Any, model: nn.Module) -> MetaLearner:
+    """The learner of ``config.training.algorithm`` with bias-corrected Adam outside."""
+    t = config.training
+    loss_fn = LOSSES[t.loss]
+    if t.algorithm == "reptile":
+        return Reptile(
+            model,
+            epsilon=t.epsilon,
+            inner_lr=t.inner_lr,
+            inner_steps=t.inner_steps,
+            loss_fn=loss_fn,
+        )
+    learner = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[t.algorithm]
+    adam = optim.Adam(t.outer_lr, bias_correction=True)
+    return learner(model, adam, inner_lr=t.inner_lr, inner_steps=t.inner_steps, loss_fn=loss_fn)
+
+
+def task_distributions(config: Any) -> tuple[TaskDistribution, TaskDistribution]:
+    """(meta-training distribution, held-out evaluation distribution)."""
+    seed = config.training.seed
+    return (
+        TaskDistribution(config.task_configs(), seed=seed),
+        TaskDistribution(config.task_configs(evaluation=True), seed=seed + 1_000_003),
+    )
+
+
+def train(
+    config: Any,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Meta-trains as ``config`` says; returns a summary of the run.
+
+    ``on_step(step, metrics)`` is called after every meta-step (the CLI's progress
+    bar). A ``KeyboardInterrupt`` saves ``last`` before it propagates, so that
+    ``resume=True`` carries on from there.
+    """
+    paths = RunPaths(Path(config.output.output_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(paths.config)
+    model = build_model(config)
+    learner = build_learner(config, model)
+    metric_fn = accuracy if config.training.loss == "cross_entropy" else None
+    train_tasks, eval_tasks = task_distributions(config)
+    held_out = eval_tasks.sample(config.training.eval_tasks)
+    best = float("inf")
+    if resume:
+        if not paths.last.is_file():
+            raise FileNotFoundError(f"{paths.last}: no checkpoint to resume from")
+        extra = learner.load(paths.last)
+        train_tasks.set_rng_state(extra["task_rng"])
+        best = extra.get("best_val_query_loss", best)
+        _truncate_metrics(paths.metrics, learner.step)
+    elif paths.metrics.exists():
+        paths.metrics.unlink()
+
+    def save(path: Path) -> None:
+        learner.save(path, {"task_rng": train_tasks.rng_state(), "best_val_query_loss": best})
+
+    steps = config.training.num_iterations
+    start, first = time.perf_counter(), learner.step
+    metrics: dict[str, float] = {}
+    try:
+        with paths.metrics.open("a") as log:
+            while learner.step < steps:
+                metrics = learner.meta_train_step(
+                    train_tasks.sample(config.training.meta_batch_size)
+                )
+                step = learner.step
+                metrics["steps_per_s"] = (step - first) / (time.perf_counter() - start)
+                if step % config.training.eval_every == 0 or step == steps:
+                    result = learner.evaluate(
+                        held_out, config.training.eval_steps, metric_fn=metric_fn
+                    )
+                    metrics["val_query_loss"] = result["query_loss"]
+                    if metric_fn is not None:
+                        metrics["val_accuracy"] = float(result["query_metrics"].mean())
+                    if result["query_loss"] < best:
+                        best = result["query_loss"]
+                        save(paths.best)
+                if step % config.training.checkpoint_every == 0 or step == steps:
+                    save(paths.last)
+                log.write(json.dumps({"step": step, **metrics}) + "\n")
+                if on_step is not None:
+                    on_step(step, metrics)
+    except KeyboardInterrupt:
+        save(paths.last)
+        raise
+    return {
+        "steps": learner.step,
+        "final": metrics,
+        "best_val_query_loss": best,
+        "output_dir": str(paths.root),
+        "checkpoint": str(paths.last),
+        "best_checkpoint": str(paths.best),
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops logged steps after ``step`` (those a resumed run will redo)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
