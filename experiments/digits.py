@@ -23,26 +23,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from common import confidence, write_results
 
-from metapeft import machine
 from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.nn import use_blas_linear
 from metapeft.tasks import TaskConfig, TaskDistribution
 from metapeft.tasks.digits import digits_data
+from metapeft.training import accuracy, cross_entropy
 
 WAYS = 5
 HIDDEN = 128
 INNER_LR = 0.1
 INNER_STEPS = 5
 META_BATCH = 16
-
-
-def cross_entropy(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    return nn.losses.cross_entropy(model(x), y, reduction="mean")
-
-
-def accuracy(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    return (mx.argmax(model(x), axis=-1) == y).astype(mx.float32).mean()
 
 
 def network(seed: int, outputs: int = WAYS) -> nn.Sequential:
@@ -77,10 +70,6 @@ def meta_learner(name: str, model: nn.Module):
     if name == "reptile":
         return Reptile(model, epsilon=0.1, **kwargs)
     return {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[name](model, adam, **kwargs)
-
-
-def confidence(values: np.ndarray) -> tuple[float, float]:
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def pretrained(seed: int, epochs: int = 30) -> nn.Sequential:
@@ -171,16 +160,7 @@ def main() -> None:
             for s, r in cells.items()
         }
         table.append(f"| {method} | {cells[1]['meta_steps']} | {acc[1]} | {acc[5]} |")
-    print("\n".join(table))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "machine": machine.info(),
-            "args": vars(args) | {"out": str(args.out)},
-            "rows": rows,
-        }
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-        args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, args, rows, table)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from common import confidence, write_results
 
-from metapeft import machine
 from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.nn import use_blas_linear
 from metapeft.tasks import TaskConfig, TaskDistribution
+from metapeft.training import mse
 
 INNER_LR = 0.01
 META_BATCH = 25
-
-
-def mse(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    return nn.losses.mse_loss(model(x), y)
 
 
 def network(seed: int) -> nn.Module:
@@ -55,11 +52,6 @@ def learner(name: str, model: nn.Module, inner_steps: int):
         # Reptile's outer step is its own interpolation; it adapts for 5 steps.
         return Reptile(model, epsilon=0.1, inner_lr=INNER_LR, inner_steps=5)
     raise ValueError(f"unknown algorithm {name!r}")
-
-
-def confidence(values: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval."""
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def run(name: str, steps: int, inner_steps: int, seed: int, eval_tasks: int) -> dict:
@@ -123,16 +115,7 @@ def main() -> None:
         rows.append(run(name, args.steps, args.inner_steps, args.seed, args.eval_tasks))
         print(json.dumps(rows[-1]), flush=True)
     table = format_table(rows)
-    print("\n".join(table))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "machine": machine.info(),
-            "args": vars(args) | {"out": str(args.out)},
-            "rows": rows,
-        }
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-        args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    write_results(args.out, args, rows, table)
 
 
 if __name__ == "__main__":
