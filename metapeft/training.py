@@ -148,8 +148,11 @@ def train(
     elif paths.metrics.exists():
         paths.metrics.unlink()
 
+    # The sampler's state before the current step's draw: what a resumed run redraws from.
+    rng_state = train_tasks.rng_state()
+
     def save(path: Path) -> None:
-        learner.save(path, {"task_rng": train_tasks.rng_state(), "best_val_query_loss": best})
+        learner.save(path, {"task_rng": rng_state, "best_val_query_loss": best})
 
     steps = config.training.num_iterations
     start, first = time.perf_counter(), learner.step
@@ -157,9 +160,9 @@ def train(
     try:
         with paths.metrics.open("a") as log:
             while learner.step < steps:
-                metrics = learner.meta_train_step(
-                    train_tasks.sample(config.training.meta_batch_size)
-                )
+                episodes = train_tasks.sample(config.training.meta_batch_size)
+                metrics = learner.meta_train_step(episodes)
+                rng_state = train_tasks.rng_state()
                 step = learner.step
                 metrics["steps_per_s"] = (step - first) / (time.perf_counter() - start)
                 if step % config.training.eval_every == 0 or step == steps:

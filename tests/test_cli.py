@@ -140,3 +140,42 @@ def test_installed_entry_point_runs_as_a_subprocess():
         [sys.executable, "-m", "metapeft", "--help"], capture_output=True, text=True, timeout=120
     )
     assert module.returncode == 0 and "train" in module.stdout
+
+
+def test_ctrl_c_mid_run_saves_last_and_resume_matches(tmp_path):
+    """SIGINT a real training process, resume it, and land on the uninterrupted run."""
+    import signal
+    import time
+
+    from mlx.utils import tree_flatten
+
+    exe = shutil.which("metapeft")
+    command = [exe] if exe else [sys.executable, "-m", "metapeft"]
+    args = ["train", "--profile", "dev", "--num-iterations", "300", "--checkpoint-every", "1000"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run(*args, "--output-dir", straight).exit_code == 0
+    proc = subprocess.Popen(
+        [*command, *args, "--output-dir", str(killed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in out
+    _, meta = checkpoint.load(killed / "checkpoints" / "last.safetensors")
+    assert 20 <= meta["step"] < 300
+    resumed = run(*args, "--output-dir", killed, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, _ = checkpoint.load(straight / "checkpoints" / "last.safetensors")
+    b, _ = checkpoint.load(killed / "checkpoints" / "last.safetensors")
+    fa, fb = dict(tree_flatten(a["meta"])), dict(tree_flatten(b["meta"]))
+    for key in fa:
+        np.testing.assert_allclose(np.array(fa[key]), np.array(fb[key]), rtol=1e-5, atol=1e-6)

@@ -153,12 +153,18 @@ class MetaLearner:
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
         state = self.optimizer.state if self.optimizer is not None else {}
         saved = tree_map(lambda x: x, state)
-        if self.batched:
-            new_meta, metrics = self._compiled_step(loss_fn)(meta, *data)
-        else:
-            new_meta, metrics = self.outer_step(meta, data, loss_fn, batched=False)
-        mx.eval(new_meta, metrics, state)
-        values = {k: v.item() for k, v in metrics.items()}
+        try:
+            if self.batched:
+                new_meta, metrics = self._compiled_step(loss_fn)(meta, *data)
+            else:
+                new_meta, metrics = self.outer_step(meta, data, loss_fn, batched=False)
+            mx.eval(new_meta, metrics, state)
+            values = {k: v.item() for k, v in metrics.items()}
+        except BaseException:
+            # e.g. Ctrl-C mid-step: the optimizer state stays that of the last full step
+            _assign(state, saved)
+            self._compiled.clear()
+            raise
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             _assign(state, saved)
@@ -351,13 +357,26 @@ def _num_tasks(episodes: Any) -> int:
 
 
 def _assign(dst: Any, src: Any) -> None:
-    """Writes the leaves of ``src`` into the containers of ``dst`` (same structure), in place."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for key, value in list(items):
-        if isinstance(value, (dict, list)):
-            _assign(value, src[key])
+    """Makes the containers of ``dst`` hold the leaves of ``src`` again, in place (the
+    compiled step keeps a reference to them)."""
+    if isinstance(dst, dict):
+        for key in [k for k in dst if k not in src]:
+            del dst[key]
+        items = src.items()
+    else:
+        del dst[len(src) :]
+        dst.extend(src[len(dst) :])
+        items = enumerate(src)
+    for key, value in items:
+        current = dst.get(key) if isinstance(dst, dict) else dst[key]
+        if (
+            isinstance(value, (dict, list))
+            and type(current) is type(value)
+            and current is not value
+        ):
+            _assign(current, value)
         else:
-            dst[key] = src[key]
+            dst[key] = value
 
 
 def _numpy(a: mx.array):
