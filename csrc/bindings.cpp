@@ -13,6 +13,137 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 
+namespace {
+
+// Parameter trees (dicts, lists and tuples of arrays, as mlx.utils treats them),
+// walked here because the same walk in Python costs more than a fused update of
+// a small network. A structure mismatch raises a short ValueError; metapeft.ops
+// then explains it with the leaves' paths.
+
+bool is_container(nb::handle t) {
+  return nb::isinstance<nb::dict>(t) || nb::isinstance<nb::list>(t) ||
+      nb::isinstance<nb::tuple>(t);
+}
+
+mx::array leaf(nb::handle value) {
+  if (!nb::isinstance<mx::array>(value)) {
+    throw metapeft::DtypeError(
+        "tree leaves must be mx.array, got " + std::string(nb::type_name(value.type()).c_str()));
+  }
+  return nb::cast<mx::array>(value);
+}
+
+void flatten(nb::handle tree, std::vector<mx::array>& leaves) {
+  if (nb::isinstance<nb::dict>(tree)) {
+    for (auto [key, value] : nb::borrow<nb::dict>(tree)) {
+      flatten(value, leaves);
+    }
+  } else if (is_container(tree)) {
+    for (nb::handle value : tree) {
+      flatten(value, leaves);
+    }
+  } else {
+    leaves.push_back(leaf(tree));
+  }
+}
+
+// Leaves of `other` in the order of `tree`; false when the structures differ.
+bool flatten_like(nb::handle tree, nb::handle other, std::vector<mx::array>& leaves) {
+  if (nb::isinstance<nb::dict>(tree)) {
+    if (!nb::isinstance<nb::dict>(other) || nb::len(other) != nb::len(tree)) {
+      return false;
+    }
+    auto other_dict = nb::borrow<nb::dict>(other);
+    for (auto [key, value] : nb::borrow<nb::dict>(tree)) {
+      if (!other_dict.contains(key) || !flatten_like(value, other_dict[key], leaves)) {
+        return false;
+      }
+    }
+    return true;
+  }
+  if (is_container(tree)) {
+    if (!(nb::isinstance<nb::list>(other) || nb::isinstance<nb::tuple>(other)) ||
+        nb::len(other) != nb::len(tree)) {
+      return false;
+    }
+    for (size_t i = 0; i < nb::len(tree); ++i) {
+      if (!flatten_like(tree[i], other[i], leaves)) {
+        return false;
+      }
+    }
+    return true;
+  }
+  if (is_container(other)) {
+    return false;
+  }
+  leaves.push_back(leaf(other));
+  return true;
+}
+
+std::vector<mx::array> leaves_like(nb::handle tree, nb::handle other, const char* name) {
+  std::vector<mx::array> leaves;
+  if (!flatten_like(tree, other, leaves)) {
+    throw std::invalid_argument(
+        std::string(name) + " must have the same tree structure as params");
+  }
+  return leaves;
+}
+
+nb::object rebuild(nb::handle tree, const std::vector<mx::array>& leaves, size_t& next) {
+  if (nb::isinstance<nb::dict>(tree)) {
+    nb::dict out;
+    for (auto [key, value] : nb::borrow<nb::dict>(tree)) {
+      out[key] = rebuild(value, leaves, next);
+    }
+    return out;
+  }
+  if (is_container(tree)) {
+    nb::list out;
+    for (nb::handle value : tree) {
+      out.append(rebuild(value, leaves, next));
+    }
+    return nb::isinstance<nb::tuple>(tree) ? nb::object(nb::tuple(out)) : nb::object(out);
+  }
+  return nb::cast(leaves[next++]);
+}
+
+nb::object rebuild(nb::handle tree, const std::vector<mx::array>& leaves) {
+  size_t next = 0;
+  return rebuild(tree, leaves, next);
+}
+
+// `lr` as one array for every leaf, or a tree like `params`.
+std::vector<mx::array> per_leaf(nb::handle params, nb::handle lr, size_t n) {
+  if (nb::isinstance<mx::array>(lr)) {
+    return std::vector<mx::array>(n, nb::cast<mx::array>(lr));
+  }
+  return leaves_like(params, lr, "lr");
+}
+
+nb::object task_sgd_tree(
+    nb::handle params,
+    nb::handle grads,
+    nb::handle lr,
+    mx::StreamOrDevice s) {
+  std::vector<mx::array> p;
+  flatten(params, p);
+  auto g = leaves_like(params, grads, "grads");
+  return rebuild(params, metapeft::task_sgd(p, g, per_leaf(params, lr, p.size()), s));
+}
+
+nb::object reptile_update_tree(
+    nb::handle params,
+    nb::handle adapted,
+    const mx::array& epsilon,
+    mx::StreamOrDevice s) {
+  std::vector<mx::array> p;
+  flatten(params, p);
+  auto a = leaves_like(params, adapted, "adapted");
+  return rebuild(params, metapeft::reptile_update(p, a, epsilon, s));
+}
+
+} // namespace
+
 NB_MODULE(_ext, m) {
   m.doc() = "Fused MLX primitives of metapeft (use metapeft.ops)";
 
@@ -47,7 +178,7 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "task_sgd",
-      &metapeft::task_sgd,
+      &task_sgd_tree,
       "params"_a,
       "grads"_a,
       "lr"_a,
@@ -56,7 +187,7 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "reptile_update",
-      &metapeft::reptile_update,
+      &reptile_update_tree,
       "params"_a,
       "adapted"_a,
       "epsilon"_a,

@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from metapeft import _ext, _tree
+from metapeft import _ext
 
 __all__ = ["linear", "lora_linear", "task_sgd", "reptile_update"]
 
@@ -115,20 +115,13 @@ def task_sgd(params: Any, grads: Any, lr: float | Any, *, stream: Stream = None)
         >>> task_sgd(p, {"w": mx.ones((5, 3))}, 0.1)["w"][0, 0].item()
         0.9
     """
-    p_leaves, structure = _tree.flatten(params)
-    g_leaves = _leaves_like(structure, grads, params, "grads")
     if isinstance(lr, (int, float)):
         _check_finite("lr", lr)
-        lr_leaves = [mx.array(float(lr), dtype=mx.float32)] * len(p_leaves)
-    elif isinstance(lr, mx.array):
-        lr_leaves = [lr] * len(p_leaves)
-    else:
-        lr_leaves = _leaves_like(structure, lr, params, "lr")
+        lr = mx.array(float(lr), dtype=mx.float32)
     try:
-        out = _ext.task_sgd(p_leaves, g_leaves, lr_leaves, stream=stream)
+        return _ext.task_sgd(params, grads, lr, stream=stream)
     except (ValueError, TypeError) as e:
-        raise _with_leaf_names(e, params, grads=grads, lr=lr) from None
-    return _tree.rebuild(structure, out)
+        raise _explain(e, params, grads=grads, lr=lr) from None
 
 
 def reptile_update(
@@ -150,18 +143,15 @@ def reptile_update(
         >>> reptile_update(p, {"w": mx.ones((4, 3))}, 0.5)["w"][0].item()
         0.5
     """
-    p_leaves, structure = _tree.flatten(params)
-    a_leaves = _leaves_like(structure, adapted, params, "adapted")
     if isinstance(epsilon, (int, float)):
         _check_finite("epsilon", epsilon)
         epsilon = mx.array(float(epsilon), dtype=mx.float32)
     elif not isinstance(epsilon, mx.array):
         raise TypeError(f"epsilon must be a float or an mx.array, got {type(epsilon).__name__}")
     try:
-        out = _ext.reptile_update(p_leaves, a_leaves, epsilon, stream=stream)
+        return _ext.reptile_update(params, adapted, epsilon, stream=stream)
     except (ValueError, TypeError) as e:
-        raise _with_leaf_names(e, params, adapted=adapted) from None
-    return _tree.rebuild(structure, out)
+        raise _explain(e, params, adapted=adapted) from None
 
 
 def _check_finite(name: str, value: Any) -> None:
@@ -171,29 +161,23 @@ def _check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _leaves_like(structure: Any, tree: Any, params: Any, name: str) -> list[Any]:
-    leaves = _tree.leaves_like(structure, tree)
-    if leaves is None:
-        raise ValueError(
-            f"{name} must have the same tree structure as params: params has leaves "
-            f"{[k for k, _ in tree_flatten(params)]}, {name} has "
-            f"{[k for k, _ in tree_flatten(tree)]}"
-        )
-    return leaves
-
-
-def _with_leaf_names(error: Exception, params: Any, **trees: Any) -> Exception:
-    """The extension's error, with leaf paths (``params['w']``) in place of indices."""
-    keys = [k for k, _ in tree_flatten(params)]
+def _explain(error: Exception, params: Any, **trees: Any) -> Exception:
+    """The extension's error, naming leaves by their paths (``params['w']``)."""
+    message = str(error)
     for name, tree in {"params": params, **trees}.items():
         if isinstance(tree, (int, float, mx.array)):
             continue
         for key, leaf in tree_flatten(tree):
             if not isinstance(leaf, mx.array):
                 return TypeError(f"{name}['{key}'] must be an mx.array, got {type(leaf).__name__}")
-    message = re.sub(
+    keys = [k for k, _ in tree_flatten(params)]
+    if "same tree structure" in message:
+        name = message.split()[0]
+        other = [k for k, _ in tree_flatten(trees[name])]
+        return ValueError(f"{message}: params has leaves {keys}, {name} has {other}")
+    named = re.sub(
         r"\b(params|grads|lr|adapted)\[(\d+)\]",
         lambda m: f"{m[1]}['{keys[int(m[2])]}']",
-        str(error),
+        message,
     )
-    return type(error)(message)
+    return type(error)(named)
