@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.baselines import StockLoRALinear, mlx_vmap_compile_maml
+from benchmarks.sizes import size
 from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.nn import LoRALinear, use_blas_linear
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution
@@ -81,7 +82,10 @@ def test_sinusoid_maml(benchmark, sinusoid_episodes, impl, inner_steps):
 
 
 # ------------------------------------------------------------------- LoRA model
-LORA = {"tasks": 16, "rows": 64, "dim": 1024, "rank": 8, "layers": 4}
+LORA = size(
+    {"tasks": 16, "rows": 64, "dim": 1024, "rank": 8, "layers": 4},
+    {"tasks": 2, "rows": 4, "dim": 16, "rank": 2, "layers": 2},
+)
 
 
 def lora_net(stock: bool, seed=0):

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from benchmarks.sizes import size
 from metapeft import ops, reference
 
 # Slow stock-MLX baselines (seconds per call) get few rounds.
@@ -26,8 +27,9 @@ def _run(benchmark, fn, settings):
 # ---------------------------------------------------------------- linear 1024^3
 @pytest.fixture(scope="module")
 def square():
-    a = mx.random.normal((1024, 1024), key=mx.random.key(0))
-    b = mx.random.normal((1024, 1024), key=mx.random.key(1))
+    n = size(1024, 16)
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    b = mx.random.normal((n, n), key=mx.random.key(1))
     mx.eval(a, b)
     return a, b, np.array(a), np.array(b)
 
@@ -47,7 +49,8 @@ def test_linear_square(benchmark, square, impl):
 # ------------------------------------------- lora_linear forward + backward, per task
 @pytest.fixture(scope="module")
 def lora_problem():
-    tasks, rows, dim, rank, scale = 16, 64, 1024, 8, 2.0
+    tasks, rows, dim, rank = size((16, 64, 1024, 8), (2, 4, 32, 2))
+    scale = 2.0
     k = mx.random.split(mx.random.key(2), 4)
     x = mx.random.normal((tasks, rows, dim), key=k[0])
     w = mx.random.normal((dim, dim), key=k[1]) * 0.02
@@ -91,7 +94,7 @@ TREES = {
     # Sinusoid MAML (1-40-40-1): 1,761 parameters per task, 6 arrays.
     "T=25 x 1761 (6 arrays)": (25, [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]),
     # A LoRA-sized tree: 65,536 parameters per task in 8 arrays.
-    "T=16 x 65536 (8 arrays)": (16, [(8192,)] * 8),
+    "T=16 x 65536 (8 arrays)": (16, [(size(8192, 8),)] * 8),
 }
 
 
