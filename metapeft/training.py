@@ -11,6 +11,7 @@ can resume from ``last`` to the same parameters an uninterrupted run reaches.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from metapeft import machine
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
 from metapeft.nn import apply_lora, use_blas_linear
 from metapeft.tasks import TaskDistribution
+
+logger = logging.getLogger("metapeft")
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -132,6 +136,18 @@ def train(
     paths = RunPaths(Path(config.output.output_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
     config.to_yaml(paths.config)
+    handler = _log_to(paths.root)
+    try:
+        return _train(config, paths, resume, on_step)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _train(config: Any, paths: RunPaths, resume: bool, on_step: Any) -> dict[str, Any]:
+    """The run itself; :func:`train` wraps it in the run's log file."""
+    logger.info("machine: %s", json.dumps(machine.info()))
+    logger.info("config: %s", json.dumps(config.to_dict(), default=str))
     model = build_model(config)
     learner = build_learner(config, model)
     metric_fn = accuracy if config.training.loss == "cross_entropy" else None
@@ -178,11 +194,15 @@ def train(
                 if step % config.training.checkpoint_every == 0 or step == steps:
                     save(paths.last)
                 log.write(json.dumps({"step": step, **metrics}) + "\n")
+                if "val_query_loss" in metrics:
+                    logger.info("step %d: %s", step, json.dumps(metrics))
                 if on_step is not None:
                     on_step(step, metrics)
     except KeyboardInterrupt:
         save(paths.last)
+        logger.warning("interrupted at step %d; saved %s", learner.step, paths.last)
         raise
+    logger.info("done: %d steps, best validation query loss %.6g", learner.step, best)
     return {
         "steps": learner.step,
         "final": metrics,
@@ -191,6 +211,15 @@ def train(
         "checkpoint": str(paths.last),
         "best_checkpoint": str(paths.best),
     }
+
+
+def _log_to(folder: Path) -> logging.Handler:
+    """Sends the ``metapeft`` logger to a dated log file in ``folder``."""
+    handler = logging.FileHandler(folder / time.strftime("train-%Y%m%d-%H%M%S.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -51,6 +51,8 @@ def test_train_writes_metrics_checkpoints_and_config(tmp_path):
     assert (out / "checkpoints" / "last.safetensors").is_file()
     assert (out / "checkpoints" / "best.safetensors").is_file()
     assert (out / "config.yaml").is_file()
+    logs = list(out.glob("train-*.log"))
+    assert len(logs) == 1 and "machine:" in logs[0].read_text()
     assert "summary" in result.output
 
 
