@@ -116,7 +116,7 @@ void donate_or_allocate(const mx::array& in, mx::array& out);
 // The shapes of inputs[0 .. n), as the outputs of a per-leaf update.
 std::vector<mx::Shape> leaf_shapes(const std::vector<mx::array>& inputs, size_t n);
 
-// Assembles per-leaf jvp outputs: each summed tangent broadcast to its output,
+// Assembles jvp outputs: each summed tangent broadcast to its output,
 // or zeros where no input tangent reached it.
 std::vector<mx::array> leaf_tangents(
     const std::vector<std::optional<mx::array>>& sums,

@@ -275,9 +275,7 @@ std::vector<mx::array> Linear::jvp(
       add(expand_bias(t, x.ndim(), s));
     }
   }
-  auto shape = output_shapes(primals)[0];
-  auto dtype = result_dtype(primals);
-  return {mx::astype(mx::broadcast_to(*out, shape, s), dtype, s)};
+  return leaf_tangents({out}, output_shapes(primals), {result_dtype(primals)}, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(

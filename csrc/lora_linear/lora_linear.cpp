@@ -193,8 +193,7 @@ std::vector<mx::array> LoraLinear::jvp(
         add(expand_bias(t, x.ndim(), s));
     }
   }
-  auto shape = output_shapes(primals)[0];
-  return {mx::astype(mx::broadcast_to(*out, shape, s), result_dtype(primals), s)};
+  return leaf_tangents({out}, output_shapes(primals), {result_dtype(primals)}, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> LoraLinear::vmap(
