@@ -1,1 +1,3 @@
-"""Benchmarks: pytest-benchmark groups comparing fused paths with stock MLX."""
+"""asv benchmarks of metapeft: the fused primitives and one meta-training step of each
+learner, each beside its pure-MLX reference or naive twin. Problems are built by
+:mod:`metapeft.bench.problems`, shared with ``metapeft bench`` and pytest-benchmark."""

@@ -3,7 +3,8 @@
 The fused primitives are in :mod:`metapeft.ops` (pure-MLX twins in
 :mod:`metapeft.reference`), LoRA layers in :mod:`metapeft.nn`, task
 distributions in :mod:`metapeft.tasks` and the meta-learners in
-:mod:`metapeft.learners`; the main names are re-exported here.
+:mod:`metapeft.learners`, timing in :mod:`metapeft.bench`; the main names are
+re-exported here.
 """
 
 import mlx.core  # noqa: F401  (loads libmlx before the extension)
@@ -15,7 +16,10 @@ from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_con
 
 __version__ = "0.1.0"
 
+from metapeft.bench import BenchmarkRunner  # noqa: E402
+
 __all__ = [
+    "BenchmarkRunner",
     "ConfigError",
     "MetaLearningConfig",
     "FOMAML",

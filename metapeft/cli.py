@@ -1,4 +1,4 @@
-"""The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``.
+"""The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``, ``bench``.
 
 Commands are thin: they parse options, call the library and print. Heavy modules
 are imported inside the commands so that ``--help`` stays fast. Expected errors
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from metapeft.bench.cli import app as bench_app
 
 app = typer.Typer(
     name="metapeft",
@@ -197,6 +199,9 @@ def evaluate(
             console.print(
                 f"{name} after {steps} steps on {tasks} tasks: {values.mean():.4f} ± {half:.4f}"
             )
+
+
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

@@ -47,7 +47,24 @@ def info() -> dict[str, str | int]:
         "device": str(mx.default_device()),
         "blas": "Accelerate" if platform.system() == "Darwin" else "OpenBLAS (scipy-openblas32)",
         "metapeft": metapeft.__version__,
+        "commit": commit(),
     }
+
+
+@cache
+def commit() -> str:
+    """The git commit metapeft was installed from (short hash), or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(metapeft.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def machine_id() -> str:

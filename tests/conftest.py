@@ -43,6 +43,13 @@ settings.register_profile("ci", max_examples=40, derandomize=True, database=None
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "default"))
 
+
+def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001
+    """Stamp pytest-benchmark results with the machine (chip, MLX backend, BLAS, commit)."""
+    from metapeft import machine
+
+    machine_info["metapeft_machine"] = machine.info()
+
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 BAD_DTYPES = [mx.int32, mx.complex64, mx.float64]
 

@@ -1,0 +1,90 @@
+"""asv: the fused primitives against their pure-MLX references."""
+
+import mlx.core as mx
+
+from metapeft import ops, reference
+from metapeft.bench import problems
+from metapeft.bench.problems import size
+
+IMPLS = ["fused", "reference"]
+
+
+class Linear:
+    """``linear`` on a square problem, ``x (d, d) @ weight.T``."""
+
+    params = (IMPLS, size([256, 1024], [8]), ["float32", "float16"])
+    param_names = ["impl", "width", "dtype"]
+
+    def setup(self, impl, width, dtype):
+        self.x, self.w = problems.linear_problem(width, width, dtype)
+        self.f = (ops if impl == "fused" else reference).linear
+        grad = mx.grad(lambda x, w: self.f(x, w).astype(mx.float32).sum(), argnums=(0, 1))
+        self.grad = lambda: grad(self.x, self.w)
+        mx.eval(self.f(self.x, self.w), self.grad())
+
+    def time_forward(self, *_):
+        mx.eval(self.f(self.x, self.w))
+
+    def time_forward_backward(self, *_):
+        mx.eval(self.grad())
+
+
+class LoRALinear:
+    """``lora_linear`` with one adapter or one per task (64 rows per task, d=1024)."""
+
+    params = (IMPLS, ["single", "per-task"], size([4, 16], [2]), size([8, 32], [2]))
+    param_names = ["impl", "adapters", "tasks", "rank"]
+
+    def setup(self, impl, adapters, tasks, rank):
+        rows, dim = size((64, 1024), (4, 16))
+        if adapters == "single":
+            p = problems.lora_problem(0, tasks * rows, dim, rank)
+        else:
+            p = problems.lora_problem(tasks, rows, dim, rank)
+        self.forward = problems.lora_forward(impl, p)
+        self.forward_backward = problems.lora_forward_backward(impl, p)
+        mx.eval(self.forward(), self.forward_backward())
+
+    def time_forward(self, *_):
+        mx.eval(self.forward())
+
+    def time_forward_backward(self, *_):
+        mx.eval(self.forward_backward())
+
+
+UPDATE_PARAMS = (
+    ["fused", "fused compiled", "reference compiled", "reference"],
+    ["sinusoid", "lora"],
+    size([5, 25, 100], [2]),
+    ["float32", "bfloat16"],
+)
+
+
+class TaskSGD:
+    """``task_sgd`` over a tree (sinusoid MLP: 6 arrays; LoRA: 8 x 8192 per task)."""
+
+    params = UPDATE_PARAMS
+    param_names = ["impl", "tree", "tasks", "dtype"]
+
+    def setup(self, impl, tree, tasks, dtype):
+        p = problems.update_problem(tasks, tree, dtype)
+        self.fn, self.params, self.grads = problems.task_sgd_fn(impl), p["params"], p["grads"]
+        mx.eval(self.fn(self.params, self.grads))
+
+    def time_task_sgd(self, *_):
+        mx.eval(self.fn(self.params, self.grads))
+
+
+class ReptileUpdate:
+    """``reptile_update`` of one meta-parameter tree from ``tasks`` adapted ones."""
+
+    params = UPDATE_PARAMS
+    param_names = ["impl", "tree", "tasks", "dtype"]
+
+    def setup(self, impl, tree, tasks, dtype):
+        p = problems.update_problem(tasks, tree, dtype)
+        self.fn, self.meta, self.adapted = problems.reptile_update_fn(impl), p["meta"], p["params"]
+        mx.eval(self.fn(self.meta, self.adapted))
+
+    def time_reptile_update(self, *_):
+        mx.eval(self.fn(self.meta, self.adapted))

@@ -1,0 +1,204 @@
+"""BenchmarkRunner, the suite's reports and ``metapeft bench``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
+
+from metapeft import BenchmarkRunner, machine
+from metapeft.bench import report, suite
+from metapeft.cli import app
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- runner
+def test_time_operation_records_time_memory_and_machine():
+    runner = BenchmarkRunner("unit")
+    for _ in range(3):
+        with runner.time_operation("alloc", n=1 << 20):
+            mx.eval(mx.ones(1 << 20) * 2)
+    (op,) = runner.operations
+    assert op.label == "alloc" and op.params == {"n": 1 << 20}
+    assert len(op.seconds) == 3 and all(s > 0 for s in op.seconds)
+    assert op.peak_memory_bytes >= 4 * (1 << 20)
+    assert runner.machine["chip"] == machine.chip()
+    assert runner.operation("alloc", n=1 << 20) is op
+    assert runner.operation("alloc", n=1) is None
+
+
+def test_measure_repeats_and_warms_up():
+    calls = []
+    runner = BenchmarkRunner("unit")
+    op = runner.measure("count", lambda: calls.append(1) or mx.ones(2), repeat=4, warmup=2)
+    assert len(calls) == 6 and len(op.seconds) == 4
+    with pytest.raises(ValueError, match="repeat"):
+        runner.measure("count", lambda: None, repeat=0)
+
+
+def test_summary_save_and_plot(tmp_path):
+    runner = BenchmarkRunner("unit")
+    runner.measure("a", lambda: mx.ones(8) + 1, repeat=2, impl="fused")
+    runner.measure("a", lambda: mx.ones(8) + 1, repeat=2, impl="reference")
+    table = runner.summary()
+    assert "impl=fused" in table and "impl=reference" in table
+    data = json.loads(runner.save(tmp_path / "r.json").read_text())
+    assert data["name"] == "unit" and data["machine"]["mlx"] == mx.__version__
+    assert [o["params"]["impl"] for o in data["operations"]] == ["fused", "reference"]
+    assert all(o["samples"] == 2 and o["median_s"] > 0 for o in data["operations"])
+    assert runner.plot(tmp_path / "r.png").read_bytes().startswith(PNG)
+    with pytest.raises(ValueError, match="nothing to plot"):
+        BenchmarkRunner("empty").plot(tmp_path / "e.png")
+
+
+# ---------------------------------------------------------------------- report
+def _op(label, median, peak=0, **params):
+    return {"label": label, "params": params, "median_s": median, "peak_memory_bytes": peak}
+
+
+def _data(*ops):
+    stamp = {"chip": "X1", "cores": 2, "os": "Linux", "arch": "x86_64", "mlx": "0.32.4"}
+    return {"name": "t", "started": "2026-01-01T00:00:00", "machine": stamp, "operations": ops}
+
+
+def test_comparisons_and_sweeps_are_found_from_parameters():
+    data = _data(
+        _op("op", 1.0, impl="fused"),
+        _op("op", 3.0, impl="reference"),
+        _op("alone", 1.0, impl="naive"),
+        *(_op("step", 0.1 * t, 1000 + 100 * t, impl="fused", tasks=t) for t in (1, 2, 4, 8)),
+    )
+    (comp,) = report.comparisons(data)
+    assert comp.label == "op" and set(comp.ops) == {"fused", "reference"}
+    (sweep,) = report.sweeps(data)
+    assert sweep.key == "tasks" and [v for v, _ in sweep.points] == [1, 2, 4, 8]
+    assert sweep.params == {"impl": "fused"}
+    text = report.markdown(data)
+    assert "| op | reference | 3.00 s | 3.00x |" in text
+    assert "Cost per task is lowest" in text
+
+
+def test_memory_fit_recovers_a_line_and_the_largest_tasks():
+    data = _data(*(_op("s", 1.0, 5000 + 300 * t, impl="fused", tasks=t) for t in (1, 2, 4)))
+    fit = report.memory_fit(report.sweeps(data)[0], budget=8100)
+    assert fit.intercept == pytest.approx(5000) and fit.per_task == pytest.approx(300)
+    assert fit.r2 == pytest.approx(1.0) and fit.max_tasks == 10
+
+
+def test_linearity_names_fixed_cost_and_growth():
+    ops = [_op("s", s, impl="fused", tasks=t) for t, s in ((1, 1.0), (4, 1.2), (16, 4.8), (64, 40))]
+    text = report.linearity(report.sweeps(_data(*ops))[0])
+    assert "lowest at tasks=4" in text and "fixed cost" in text and "not linear" in text
+
+
+def test_compare_matches_operations_and_rejects_disjoint_runs():
+    a = _data(_op("op", 2.0, impl="fused"), _op("only a", 1.0, impl="fused"))
+    b = _data(_op("op", 1.0, impl="fused"))
+    text = report.compare(a, b, names=("m1", "m3"))
+    assert "| op | impl=fused | 2.00 s | 1.00 s | 2.00x |" in text and "only a" not in text
+    with pytest.raises(ValueError, match="no operation in common"):
+        report.compare(a, _data(_op("other", 1.0, impl="fused")))
+
+
+def test_load_rejects_files_that_are_not_results(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        report.load(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="operations"):
+        report.load(bad)
+
+
+def test_index_keeps_hand_written_text_and_lists_newest_runs(tmp_path):
+    (tmp_path / "README.md").write_text("# Results\n\nhand-written notes\n")
+    for name, day, median in (
+        ("m1", "2026-01-01", 2.0),
+        ("m1", "2026-02-01", 1.0),
+        ("m2", "2026-01-05", 3.0),
+    ):
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        data = _data(_op("op", median, impl="fused"), _op("op", 4.0, impl="reference"))
+        (folder / f"{day}.json").write_text(json.dumps(data))
+    report.update_index(tmp_path)
+    report.update_index(tmp_path)  # idempotent
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# Results\n\nhand-written notes\n")
+    assert text.count(report.INDEX_START) == 1
+    assert "m1/2026-02-01.md" in text and "m1/2026-01-01.md" not in text
+    assert "reference 4.00x" in text and "reference 1.33x" in text
+
+
+# ------------------------------------------------------------------------- CLI
+cli = CliRunner()
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setenv("METAPEFT_BENCH_SIZE", "tiny")
+
+
+def test_bench_quick_writes_json_markdown_and_plots_that_agree(tmp_path, tiny):
+    result = cli.invoke(app, ["bench", "--quick", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / machine.machine_id()
+    (js,) = folder.glob("*.json")
+    data = report.load(js)
+    expected = {(c.label, json.dumps(c.params, sort_keys=True)) for c in suite.cases(suite.TINY)}
+    recorded = {(o["label"], json.dumps(o["params"], sort_keys=True)) for o in data["operations"]}
+    assert recorded == expected and data["quick"] is True
+    md = js.with_suffix(".md").read_text()
+    for c in report.comparisons(data):
+        fused = c.ops["fused"]["median_s"]
+        assert f"| {c.title} | fused | {report.format_seconds(fused)} | - |" in md
+    pngs = sorted(folder.glob("*.png"))
+    assert (
+        len(pngs)
+        == len(report.sweeps(data)) + sum(s.key == "tasks" for s in report.sweeps(data)) + 1
+    )
+    assert all(p.read_bytes().startswith(PNG) and f"({p.name})" in md for p in pngs)
+    assert js.stem in (tmp_path / "README.md").read_text()
+    # A second run the same day never overwrites the first.
+    assert (
+        cli.invoke(app, ["bench", "--quick", "--no-plots", "--output-dir", str(tmp_path)]).exit_code
+        == 0
+    )
+    assert len(list(folder.glob("*.json"))) == 2
+
+
+def test_bench_compare_and_report_commands(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_data(_op("op", 2.0, impl="fused"))))
+    b.write_text(json.dumps(_data(_op("op", 0.5, impl="fused"))))
+    result = cli.invoke(app, ["bench", "compare", str(a), str(b)])
+    assert result.exit_code == 0, result.output
+    assert "4.00x" in result.output
+    out = tmp_path / "r.md"
+    assert cli.invoke(app, ["bench", "report", str(a), "--out", str(out)]).exit_code == 0
+    assert "Machine: X1" in out.read_text()
+    bad = cli.invoke(app, ["bench", "compare", str(a), str(tmp_path / "missing.json")])
+    assert bad.exit_code == 1 and "missing.json" in bad.output
+
+
+def test_bench_unwritable_output_dir_is_a_clear_error(tmp_path, tiny):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli.invoke(app, ["bench", "--quick", "--output-dir", str(blocker)])
+    assert result.exit_code == 1 and "cannot write" in result.output
+
+
+def test_python_m_metapeft_bench_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "metapeft.bench", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert result.returncode == 0 and "compare" in result.stdout
