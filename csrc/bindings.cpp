@@ -1,4 +1,7 @@
 // The nanobind module metapeft._ext. Docstrings live in metapeft/ops.py.
+#include <cmath>
+#include <sstream>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
@@ -112,8 +115,27 @@ nb::object rebuild(nb::handle tree, const std::vector<mx::array>& leaves) {
   return rebuild(tree, leaves, next);
 }
 
+// A Python float or int as a float32 scalar (made here: cheaper than mx.array()
+// from Python). metapeft.ops has already checked that it is a finite number.
+bool is_number(nb::handle v) {
+  return PyFloat_Check(v.ptr()) || (PyLong_Check(v.ptr()) && !PyBool_Check(v.ptr()));
+}
+
+mx::array scalar(nb::handle v, const char* name) {
+  double value = nb::cast<double>(v);
+  if (!std::isfinite(static_cast<float>(value))) {
+    std::ostringstream msg;
+    msg << name << " must be finite in float32, got " << value;
+    throw std::invalid_argument(msg.str());
+  }
+  return mx::array(static_cast<float>(value), mx::float32);
+}
+
 // `lr` as one array for every leaf, or a tree like `params`.
 std::vector<mx::array> per_leaf(nb::handle params, nb::handle lr, size_t n) {
+  if (is_number(lr)) {
+    return std::vector<mx::array>(n, scalar(lr, "lr"));
+  }
   if (nb::isinstance<mx::array>(lr)) {
     return std::vector<mx::array>(n, nb::cast<mx::array>(lr));
   }
@@ -134,12 +156,13 @@ nb::object task_sgd_tree(
 nb::object reptile_update_tree(
     nb::handle params,
     nb::handle adapted,
-    const mx::array& epsilon,
+    nb::handle epsilon,
     mx::StreamOrDevice s) {
   std::vector<mx::array> p;
   flatten(params, p);
   auto a = leaves_like(params, adapted, "adapted");
-  return rebuild(params, metapeft::reptile_update(p, a, epsilon, s));
+  auto eps = is_number(epsilon) ? scalar(epsilon, "epsilon") : nb::cast<mx::array>(epsilon);
+  return rebuild(params, metapeft::reptile_update(p, a, eps, s));
 }
 
 } // namespace

@@ -117,7 +117,6 @@ def task_sgd(params: Any, grads: Any, lr: float | Any, *, stream: Stream = None)
     """
     if isinstance(lr, (int, float)):
         _check_finite("lr", lr)
-        lr = mx.array(float(lr), dtype=mx.float32)
     try:
         return _ext.task_sgd(params, grads, lr, stream=stream)
     except (ValueError, TypeError) as e:
@@ -145,7 +144,6 @@ def reptile_update(
     """
     if isinstance(epsilon, (int, float)):
         _check_finite("epsilon", epsilon)
-        epsilon = mx.array(float(epsilon), dtype=mx.float32)
     elif not isinstance(epsilon, mx.array):
         raise TypeError(f"epsilon must be a float or an mx.array, got {type(epsilon).__name__}")
     try:

@@ -50,6 +50,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001
 
     machine_info["metapeft_machine"] = machine.info()
 
+
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 BAD_DTYPES = [mx.int32, mx.complex64, mx.float64]
 

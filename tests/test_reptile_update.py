@@ -320,7 +320,7 @@ def test_epsilon_not_scalar(shape):
     check_raises(ValueError, lambda: ops.reptile_update(p, adapted, eps), ["epsilon"], [shape])
 
 
-@pytest.mark.parametrize("eps", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("eps", [math.nan, math.inf, -math.inf, -1e39])
 def test_non_finite_epsilon(eps):
     p, adapted = trees(np.random.default_rng(15))
     check_raises(ValueError, lambda: ops.reptile_update(p, adapted, eps), ["epsilon"])

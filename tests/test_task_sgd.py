@@ -407,7 +407,7 @@ def test_bad_shapes(p_s, g_s, lr_s, names):
     check_raises(ValueError, lambda: ops.task_sgd(p, g, lr), names, shapes)
 
 
-@pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, 1e39])
 def test_non_finite_lr(lr):
     p, g = trees(np.random.default_rng(15))
     check_raises(ValueError, lambda: ops.task_sgd(p, g, lr), ["lr"])
