@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import metapeft
+from metapeft.files import atomic_write
 
 FORMAT = "metapeft-checkpoint-1"
 
@@ -54,6 +55,21 @@ def save(path: str | Path, trees: dict[str, Any], metadata: dict[str, Any]) -> N
     _fsync_dir(path.parent)
 
 
+def save_npz(path: str | Path, tree: Any) -> None:
+    """Writes a tree of arrays to ``path`` as ``.npz``, flat keys (``layers.0.weight``), atomically.
+
+    ``model.load_weights(path)`` reads it back (``strict=False`` for a part of a model).
+
+    Example:
+        >>> save_npz("best.npz", model.trainable_parameters())  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: an .npz file name must end in .npz")
+    arrays = dict(tree_flatten(tree))
+    atomic_write(path, lambda tmp: mx.savez(str(tmp), **arrays))
+
+
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a checkpoint written by :func:`save`: ``(trees, metadata)``.
 
@@ -73,6 +89,11 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path}: not a metapeft checkpoint (no metapeft metadata)") from None
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {info.get('format')!r}")
+    if info.get("metapeft_version") != metapeft.__version__:
+        raise ValueError(
+            f"{path}: written by metapeft {info.get('metapeft_version')}, "
+            f"this is metapeft {metapeft.__version__}"
+        )
     if _checksum(flat) != info.get("checksum"):
         raise ValueError(f"{path}: checksum mismatch, the tensor data is corrupted")
     trees: dict[str, Any] = {}
