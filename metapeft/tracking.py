@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,22 +241,17 @@ def mlflow_client(uri: str | None) -> Any:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-class mlflow_errors:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Turns MLflow's exceptions into a one-line :class:`TrackingError` naming the URI."""
+@contextmanager
+def mlflow_errors(uri: str | None) -> Iterator[None]:
+    """Turns MLflow's exceptions inside the block into a one-line :class:`TrackingError`
+    naming the URI."""
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, uri: str | None) -> None:
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        if isinstance(error, MlflowException):
-            first = str(error.message).strip().splitlines()[0]
-            raise TrackingError(f"MLflow store {self.uri or '(default)'}: {first}") from error
-        return False
+    try:
+        yield
+    except MlflowException as e:
+        first = str(e.message).strip().splitlines()[0]
+        raise TrackingError(f"MLflow store {uri or '(default)'}: {first}") from e
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, float]]:
