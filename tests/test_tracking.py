@@ -141,3 +141,25 @@ def test_resume_drops_a_torn_last_line_and_names_a_bad_one(tmp_path):
     path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not JSON"):
         tracking.JsonlTracker(tmp_path).start(None, resume=True, step=2)
+
+
+def test_interrupted_mlflow_run_is_killed_keeps_last_and_resumes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny(tmp_path, backend="mlflow", uri=uri)
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, on_step=interrupt)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("metapeft").experiment_id])
+    assert run.info.status == "KILLED"
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/last.safetensors" in checkpoints
+    training.train(config, resume=True)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "query_loss")]
+    assert steps == [1, 2, 3, 4]
