@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import metapeft
+from metapeft.files import atomic_write, atomic_write_text
 
 FORMAT = "metapeft-checkpoint-1"
 
@@ -54,6 +55,58 @@ def save(path: str | Path, trees: dict[str, Any], metadata: dict[str, Any]) -> N
     _fsync_dir(path.parent)
 
 
+def save_npz(path: str | Path, tree: Any) -> None:
+    """Writes a tree of arrays to ``path`` as ``.npz``, flat keys (``layers.0.weight``), atomically.
+
+    ``model.load_weights(path)`` reads it back (``strict=False`` for a part of a model).
+
+    Example:
+        >>> save_npz("best.npz", model.trainable_parameters())  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: an .npz file name must end in .npz")
+    arrays = dict(tree_flatten(tree))
+    atomic_write(path, lambda tmp: mx.savez(str(tmp), **arrays))
+
+
+def export_adapters(folder: str | Path, params: Any, lora: Any) -> Path:
+    """Writes LoRA adapters as mlx-lm does: ``adapters.safetensors`` and ``adapter_config.json``.
+
+    Args:
+        folder: The adapter folder; created if missing.
+        params: The meta-learned tree; its ``lora_a``/``lora_b`` leaves are written.
+        lora: The run's LoRA settings (``rank``, ``alpha``, ``dropout``,
+            ``target_modules``), e.g. ``config.model.lora``.
+
+    Raises:
+        ValueError: If ``params`` holds no adapters.
+
+    Example:
+        >>> export_adapters("adapters", learner.meta_parameters()["params"], config.model.lora)
+        ... # doctest: +SKIP
+    """
+    folder = Path(folder)
+    adapters = {k: v for k, v in tree_flatten(params) if k.endswith((".lora_a", ".lora_b"))}
+    if not adapters:
+        raise ValueError("no LoRA adapters (lora_a/lora_b) among the meta-parameters")
+    atomic_write(
+        folder / "adapters.safetensors", lambda tmp: mx.save_safetensors(str(tmp), adapters)
+    )
+    settings = {
+        "fine_tune_type": "lora",
+        "lora_parameters": {
+            "rank": lora.rank,
+            "scale": lora.alpha / lora.rank,
+            "dropout": lora.dropout,
+            "keys": lora.target_modules,
+        },
+        "metapeft_version": metapeft.__version__,
+    }
+    atomic_write_text(folder / "adapter_config.json", json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a checkpoint written by :func:`save`: ``(trees, metadata)``.
 
@@ -73,6 +126,11 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path}: not a metapeft checkpoint (no metapeft metadata)") from None
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {info.get('format')!r}")
+    if info.get("metapeft_version") != metapeft.__version__:
+        raise ValueError(
+            f"{path}: written by metapeft {info.get('metapeft_version')}, "
+            f"this is metapeft {metapeft.__version__}"
+        )
     if _checksum(flat) != info.get("checksum"):
         raise ValueError(f"{path}: checksum mismatch, the tensor data is corrupted")
     trees: dict[str, Any] = {}

@@ -1,8 +1,10 @@
-"""The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``, ``bench``.
+"""The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``,
+``bench``, ``export``, ``plot``, ``registry`` and ``toolkit``.
 
 Commands are thin: they parse options, call the library and print. Heavy modules
 are imported inside the commands so that ``--help`` stays fast. Expected errors
-(a bad config, a missing checkpoint) print one line and exit with status 1.
+(a bad config, a missing checkpoint, an unwritable folder) print one line and exit
+with status 1. The typer ``app`` is also a toolkit project (see :mod:`metapeft.toolkit`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Annotated
 import typer
 
 from metapeft.bench.cli import app as bench_app
+from metapeft.tracking import TrackingError
+
+# Errors that are the user's input or environment, not a bug: one line, exit 1.
+USER_ERRORS = (ValueError, OSError, TrackingError)
 
 app = typer.Typer(
     name="metapeft",
@@ -30,10 +36,14 @@ ProfileOption = Annotated[
 ]
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str | BaseException) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    if isinstance(message, KeyError):  # str() of a KeyError is its repr
+        message = str(message.args[0])
+    console = Console(stderr=True)
+    console.print("[bold red]error:[/] ", end="")
+    console.print(str(message), highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -51,11 +61,13 @@ def info() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from metapeft import machine
+    from metapeft import machine, shared
 
     table = Table(show_header=False, box=None)
     for key, value in machine.info().items():
         table.add_row(key, str(value))
+    for name in shared.TOOLKIT:
+        table.add_row(name, f"from {shared.source(name)}")
     try:
         from metapeft import _ext  # noqa: F401
 
@@ -72,8 +84,8 @@ def validate(config: ConfigOption = None, profile: ProfileOption = None) -> None
 
     try:
         cfg = _load_config(config, profile, {})
-    except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+    except USER_ERRORS as e:
+        raise _fail(e) from None
     if not selfcheck.run() or not selfcheck.run_learner(cfg):
         raise _fail("the fused path disagrees with the reference (see above)")
 
@@ -115,8 +127,8 @@ def train(
     }
     try:
         cfg = _load_config(config, profile, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+    except USER_ERRORS as e:
+        raise _fail(e) from None
     console = Console()
     t = cfg.training
     console.print(
@@ -147,9 +159,9 @@ def train(
             progress.stop()
             console.print("[yellow]interrupted:[/] saved checkpoints/last; continue with --resume")
             raise typer.Exit(code=130) from None
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        except (*USER_ERRORS, FloatingPointError) as e:
             progress.stop()
-            raise _fail(str(e)) from None
+            raise _fail(e) from None
     table = Table(title="summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -174,17 +186,13 @@ def evaluate(
     from rich.console import Console
 
     from metapeft import training
-    from metapeft.config import MetaLearningConfig
 
-    config_path = checkpoint.parent.parent / "config.yaml"
     try:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: no config.yaml beside the checkpoint's run")
-        cfg = MetaLearningConfig.from_yaml(config_path)
+        cfg = _run_config(checkpoint)
         learner = training.build_learner(cfg, training.build_model(cfg))
         learner.load(checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+    except USER_ERRORS as e:
+        raise _fail(e) from None
     _, eval_tasks = training.task_distributions(cfg)
     metric_fn = training.accuracy if cfg.training.loss == "cross_entropy" else None
     steps = cfg.training.eval_steps if steps is None else steps
@@ -202,6 +210,208 @@ def evaluate(
 
 
 app.add_typer(bench_app, name="bench")
+
+
+def _run_config(checkpoint: Path):
+    """The saved config of the run a checkpoint belongs to (``RUN/checkpoints/x`` ->
+    ``RUN/config.yaml``)."""
+    from metapeft.config import MetaLearningConfig
+
+    config_path = checkpoint.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no config.yaml beside the checkpoint's run")
+    return MetaLearningConfig.from_yaml(config_path)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'metapeft train'.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="npz: the file (default: the checkpoint's name with .npz); "
+            "mlx-lm: the folder (default: RUN/adapters).",
+        ),
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="npz or mlx-lm.", case_sensitive=False)
+    ] = "npz",
+) -> None:
+    """Export a checkpoint's meta-learned parameters.
+
+    npz: every meta-learned parameter, flat names (layers.0.weight), loadable with
+    model.load_weights(path, strict=False). mlx-lm: for a LoRA run, an adapter folder
+    (adapters.safetensors with the lora_a/lora_b weights, adapter_config.json with
+    rank, scale, dropout and target keys) as mlx-lm writes it. The checkpoint is
+    verified (checksum, metapeft version) first.
+    """
+    from metapeft import checkpoint as ckpt
+
+    format = format.lower()
+    if format not in ("npz", "mlx-lm"):
+        raise _fail(f"unknown export format {format!r}; choose npz or mlx-lm")
+    try:
+        trees, _ = ckpt.load(checkpoint)
+        params = trees["meta"]["params"]
+        if format == "npz":
+            target = output if output is not None else checkpoint.with_suffix(".npz")
+            ckpt.save_npz(target, params)
+        else:
+            lora = _run_config(checkpoint).model.lora
+            if lora is None:
+                raise ValueError(
+                    f"{checkpoint}: its run has no LoRA adapters (model.lora is null); "
+                    "export it as npz"
+                )
+            target = output if output is not None else checkpoint.parent.parent / "adapters"
+            ckpt.export_adapters(target, params, lora)
+    except USER_ERRORS as e:
+        raise _fail(e) from None
+    typer.echo(f"exported {checkpoint} -> {target}")
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by 'metapeft train'.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The PNG; default RUN_DIR/loss.png.")
+    ] = None,
+) -> None:
+    """Plot a run's support, query and validation losses per meta-step as a PNG."""
+    from metapeft import plotting
+
+    try:
+        target = plotting.plot_losses(run_dir, output)
+    except USER_ERRORS as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {target}")
+
+
+registry_app = typer.Typer(
+    name="registry",
+    help="Register, list and load named checkpoints (MLflow's registry when the config's "
+    "tracking.backend is mlflow, else a local JSON index).",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app)
+
+IndexOption = Annotated[Path, typer.Option(help="The local registry index (when not on MLflow).")]
+
+
+def _registry(config: Path | None, profile: str | None, index: Path):
+    from metapeft.registry import open_registry
+
+    return open_registry(_load_config(config, profile, {}).tracking, index)
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {value!r}: expected KEY=VALUE")
+        pairs[key] = text
+    return pairs
+
+
+@registry_app.command("register")
+def registry_register(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint file to register.")],
+    tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeatable.")] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--metadata", help="KEY=VALUE; repeatable.")
+    ] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    index: IndexOption = Path("runs/registry.json"),
+) -> None:
+    """Register a checkpoint as the next version of NAME (it is verified first)."""
+    try:
+        registry = _registry(config, profile, index)
+        record = registry.register(
+            name, checkpoint, metadata=_pairs(meta, "--metadata"), tags=_pairs(tag, "--tag")
+        )
+    except (*USER_ERRORS, KeyError) as e:
+        raise _fail(e) from None
+    typer.echo(f"registered {record.name} version {record.version} -> {record.path}")
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    index: IndexOption = Path("runs/registry.json"),
+) -> None:
+    """List registered models: name, version, path, tags, when."""
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        registry = _registry(config, profile, index)
+        records = [r for r in registry.list() if name is None or r.name == name]
+    except (*USER_ERRORS, KeyError) as e:
+        raise _fail(e) from None
+    table = Table(title=registry.where)
+    for column in ("name", "version", "path", "tags", "created"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(r.tags.items()))
+        table.add_row(r.name, str(r.version), r.path, tags, r.created)
+    Console(width=200).print(table)
+
+
+@registry_app.command("load")
+def registry_load(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    version: Annotated[int | None, typer.Option(help="Default: the latest.")] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+    index: IndexOption = Path("runs/registry.json"),
+) -> None:
+    """Load a registered checkpoint (verifying it) and print its record as JSON."""
+    import json
+
+    try:
+        registry = _registry(config, profile, index)
+        record = registry.get(name, version)
+        registry.load(name, record.version)
+    except (*USER_ERRORS, KeyError) as e:
+        raise _fail(e) from None
+    typer.echo(json.dumps(record.to_dict(), indent=2))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def toolkit(
+    ctx: typer.Context,
+    target: Annotated[
+        str | None, typer.Argument(help="namespace:command, e.g. meta-learning-peft:info.")
+    ] = None,
+) -> None:
+    """Run a command of any installed toolkit project as namespace:command [ARGS]...
+
+    Projects are found through the 'efficientai_mlx_toolkit.projects' entry points;
+    with no target (or --help), list them and their commands.
+    """
+    from metapeft import toolkit as tk
+
+    try:
+        if target is None or target in ("--help", "-h"):
+            typer.echo("Usage: metapeft toolkit NAMESPACE:COMMAND [ARGS]...\n")
+            typer.echo("Installed projects and their commands:")
+            for namespace, commands in tk.describe():
+                for name, help_text in commands:
+                    typer.echo(f"  {f'{namespace}:{name}':<32} {help_text}")
+            return
+        tk.dispatch([target, *ctx.args], prog="metapeft toolkit")
+    except tk.ToolkitError as e:
+        raise _fail(e) from None
 
 
 def main() -> None:

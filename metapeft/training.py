@@ -2,10 +2,12 @@
 
 :func:`train` builds the model, the learner and the task distributions a config
 describes, meta-trains with a progress bar, evaluates on held-out tasks, writes
-metrics (``metrics.jsonl``), checkpoints (``checkpoints/last.safetensors`` every
-``checkpoint_every`` steps and ``checkpoints/best.safetensors`` by validation
-query loss) and the resolved config (``config.yaml``) into the output folder, and
-can resume from ``last`` to the same parameters an uninterrupted run reaches.
+metrics (``metrics.jsonl``, and MLflow when configured: :mod:`metapeft.tracking`),
+checkpoints (``checkpoints/last.safetensors`` every ``checkpoint_every`` steps and
+``checkpoints/best.safetensors`` by validation query loss, with its meta-parameters
+also as ``checkpoints/best.npz``) and the resolved config (``config.yaml``) into the
+output folder, and can resume from ``last`` to the same parameters an uninterrupted
+run reaches.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from metapeft import machine
+from metapeft import checkpoint, machine, tracking
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
 from metapeft.nn import apply_lora, use_blas_linear
 from metapeft.tasks import TaskDistribution
@@ -71,6 +73,10 @@ class RunPaths:
     @property
     def best(self) -> Path:
         return self.root / "checkpoints" / "best.safetensors"
+
+    @property
+    def best_npz(self) -> Path:
+        return self.root / "checkpoints" / "best.npz"
 
 
 def build_model(config: Any) -> nn.Module:
@@ -134,18 +140,32 @@ def train(
     ``resume=True`` carries on from there.
     """
     paths = RunPaths(Path(config.output.output_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    config.to_yaml(paths.config)
-    handler = _log_to(paths.root)
     try:
-        return _train(config, paths, resume, on_step)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(paths.config)
+    except OSError as e:
+        raise OSError(f"output dir {paths.root} is not writable: {e.strerror or e}") from None
+    tracker = tracking.open_tracker(config, paths.root)
+    handler = _log_to(paths.root)
+    status: tracking.Status = "FAILED"
+    try:
+        summary = _train(config, paths, resume, on_step, tracker)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         logger.removeHandler(handler)
         handler.close()
+        _keep_artifacts(tracker, paths, Path(handler.baseFilename))
+        tracker.finish(status)
 
 
-def _train(config: Any, paths: RunPaths, resume: bool, on_step: Any) -> dict[str, Any]:
-    """The run itself; :func:`train` wraps it in the run's log file."""
+def _train(
+    config: Any, paths: RunPaths, resume: bool, on_step: Any, tracker: tracking.Tracker
+) -> dict[str, Any]:
+    """The run itself; :func:`train` wraps it in the run's log file and tracker."""
     logger.info("machine: %s", json.dumps(machine.info()))
     logger.info("config: %s", json.dumps(config.to_dict(), default=str))
     model = build_model(config)
@@ -160,44 +180,44 @@ def _train(config: Any, paths: RunPaths, resume: bool, on_step: Any) -> dict[str
         extra = learner.load(paths.last)
         train_tasks.set_rng_state(extra["task_rng"])
         best = extra.get("best_val_query_loss", best)
-        _truncate_metrics(paths.metrics, learner.step)
-    elif paths.metrics.exists():
-        paths.metrics.unlink()
+    tracker.start(config, resume=resume, step=learner.step)
+    tracker.log_artifact(paths.config)
 
     # The sampler's state before the current step's draw: what a resumed run redraws from.
     rng_state = train_tasks.rng_state()
 
     def save(path: Path) -> None:
         learner.save(path, {"task_rng": rng_state, "best_val_query_loss": best})
+        if path == paths.best:
+            checkpoint.save_npz(paths.best_npz, learner.meta_parameters()["params"])
 
     steps = config.training.num_iterations
     start, first = time.perf_counter(), learner.step
     metrics: dict[str, float] = {}
+    mx.reset_peak_memory()
     try:
-        with paths.metrics.open("a") as log:
-            while learner.step < steps:
-                episodes = train_tasks.sample(config.training.meta_batch_size)
-                metrics = learner.meta_train_step(episodes)
-                rng_state = train_tasks.rng_state()
-                step = learner.step
-                metrics["steps_per_s"] = (step - first) / (time.perf_counter() - start)
-                if step % config.training.eval_every == 0 or step == steps:
-                    result = learner.evaluate(
-                        held_out, config.training.eval_steps, metric_fn=metric_fn
-                    )
-                    metrics["val_query_loss"] = result["query_loss"]
-                    if metric_fn is not None:
-                        metrics["val_accuracy"] = float(result["query_metrics"].mean())
-                    if result["query_loss"] < best:
-                        best = result["query_loss"]
-                        save(paths.best)
-                if step % config.training.checkpoint_every == 0 or step == steps:
-                    save(paths.last)
-                log.write(json.dumps({"step": step, **metrics}) + "\n")
-                if "val_query_loss" in metrics:
-                    logger.info("step %d: %s", step, json.dumps(metrics))
-                if on_step is not None:
-                    on_step(step, metrics)
+        while learner.step < steps:
+            episodes = train_tasks.sample(config.training.meta_batch_size)
+            metrics = learner.meta_train_step(episodes)
+            rng_state = train_tasks.rng_state()
+            step = learner.step
+            metrics["steps_per_s"] = (step - first) / (time.perf_counter() - start)
+            metrics["peak_memory_mb"] = mx.get_peak_memory() / 2**20
+            if step % config.training.eval_every == 0 or step == steps:
+                result = learner.evaluate(held_out, config.training.eval_steps, metric_fn=metric_fn)
+                metrics["val_query_loss"] = result["query_loss"]
+                if metric_fn is not None:
+                    metrics["val_accuracy"] = float(result["query_metrics"].mean())
+                if result["query_loss"] < best:
+                    best = result["query_loss"]
+                    save(paths.best)
+            if step % config.training.checkpoint_every == 0 or step == steps:
+                save(paths.last)
+            tracker.log_metrics(step, metrics)
+            if "val_query_loss" in metrics:
+                logger.info("step %d: %s", step, json.dumps(metrics))
+            if on_step is not None:
+                on_step(step, metrics)
     except KeyboardInterrupt:
         save(paths.last)
         logger.warning("interrupted at step %d; saved %s", learner.step, paths.last)
@@ -222,11 +242,9 @@ def _log_to(folder: Path) -> logging.Handler:
     return handler
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops logged steps after ``step`` (those a resumed run will redo)."""
-    if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+def _keep_artifacts(tracker: tracking.Tracker, paths: RunPaths, log_file: Path) -> None:
+    """Hands the run's checkpoints and log file to the tracker."""
+    for path in (paths.last, paths.best, paths.best_npz):
+        if path.is_file():
+            tracker.log_artifact(path, "checkpoints")
+    tracker.log_artifact(log_file)

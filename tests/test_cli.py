@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -50,6 +51,14 @@ def test_train_writes_metrics_checkpoints_and_config(tmp_path):
     assert {"query_loss", "support_loss", "param_diff", "steps_per_s"} <= lines[-1].keys()
     assert (out / "checkpoints" / "last.safetensors").is_file()
     assert (out / "checkpoints" / "best.safetensors").is_file()
+    assert set(mx.load(str(out / "checkpoints" / "best.npz"))) == {
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.2.weight",
+        "layers.2.bias",
+        "layers.4.weight",
+        "layers.4.bias",
+    }
     assert (out / "config.yaml").is_file()
     logs = list(out.glob("train-*.log"))
     assert len(logs) == 1 and "machine:" in logs[0].read_text()
