@@ -25,6 +25,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from metapeft import checkpoint, machine, tracking
+from metapeft.bench.runner import BenchmarkRunner
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
 from metapeft.nn import apply_lora, use_blas_linear
 from metapeft.tasks import TaskDistribution
@@ -192,17 +193,17 @@ def _train(
             checkpoint.save_npz(paths.best_npz, learner.meta_parameters()["params"])
 
     steps = config.training.num_iterations
-    start, first = time.perf_counter(), learner.step
+    timer = BenchmarkRunner("train")
     metrics: dict[str, float] = {}
-    mx.reset_peak_memory()
     try:
         while learner.step < steps:
             episodes = train_tasks.sample(config.training.meta_batch_size)
-            metrics = learner.meta_train_step(episodes)
+            with timer.time_operation("meta_train_step") as op:
+                metrics = learner.meta_train_step(episodes)
             rng_state = train_tasks.rng_state()
             step = learner.step
-            metrics["steps_per_s"] = (step - first) / (time.perf_counter() - start)
-            metrics["peak_memory_mb"] = mx.get_peak_memory() / 2**20
+            metrics["steps_per_s"] = len(op.seconds) / sum(op.seconds)
+            metrics["peak_memory_mb"] = op.peak_memory_bytes / 2**20
             if step % config.training.eval_every == 0 or step == steps:
                 result = learner.evaluate(held_out, config.training.eval_steps, metric_fn=metric_fn)
                 metrics["val_query_loss"] = result["query_loss"]
