@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,8 @@ def save(path: str | Path, trees: dict[str, Any], metadata: dict[str, Any]) -> N
         "checksum": _checksum(flat),
         "metadata": metadata,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
-    try:
-        mx.save_safetensors(str(tmp), flat, metadata={"metapeft": json.dumps(info)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    meta = {"metapeft": json.dumps(info)}
+    atomic_write(path, lambda tmp: mx.save_safetensors(str(tmp), flat, metadata=meta))
 
 
 def save_npz(path: str | Path, tree: Any) -> None:
@@ -168,14 +159,3 @@ def _checksum(flat: dict[str, mx.array]) -> str:
         data = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value
         h.update(np.ascontiguousarray(np.array(data)).tobytes())
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

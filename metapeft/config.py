@@ -43,7 +43,6 @@ import difflib
 import os
 import re
 import typing
-import uuid
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -62,6 +61,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from metapeft.files import atomic_write_text
 from metapeft.tasks import TaskConfig, get_family, load_task_configs
 
 __all__ = [
@@ -592,7 +592,7 @@ class MetaLearningConfig(_Section):
             "# metapeft MetaLearningConfig, resolved: defaults, profile, environment and\n"
             "# overrides applied, paths absolute.\n"
         ) + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         return path
 
 
@@ -904,32 +904,3 @@ def _config_error(label: str, problems: tuple[str, ...], path: Path | None) -> C
         shown.append(f"  ... and {len(problems) - 10} more")
     message = f"{head}: {len(problems)} problems\n" + "\n".join(shown)
     return ConfigError(message, path=path, problems=problems)
-
-
-# ------------------------------------------------------------------------ writing
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
