@@ -202,3 +202,22 @@ def test_python_m_metapeft_bench_help():
         env={**os.environ, "COLUMNS": "120"},
     )
     assert result.returncode == 0 and "compare" in result.stdout
+
+
+def test_a_failing_benchmark_is_reported_never_skipped(tmp_path, monkeypatch):
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    def cases(_sizes):
+        yield suite.Case("ok", {"impl": "fused"}, lambda: lambda: mx.ones(2), repeat=1)
+        yield suite.Case("bad", {"impl": "fused"}, broken, repeat=1)
+
+    monkeypatch.setattr(suite, "cases", cases)
+    result = cli.invoke(app, ["bench", "--quick", "--no-plots", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "1 benchmark(s) failed" in result.output
+    assert "kernel exploded" in result.output
+    (js,) = (tmp_path / machine.machine_id()).glob("*.json")
+    data = report.load(js)
+    assert [o["label"] for o in data["operations"]] == ["ok"]
+    assert data["failures"][0]["label"] == "bad"
+    assert "## Failed" in js.with_suffix(".md").read_text()

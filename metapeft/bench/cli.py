@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import shlex
-import sys
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -54,6 +54,7 @@ def run(
     from metapeft import machine
     from metapeft.bench import report, suite
     from metapeft.bench.runner import BenchmarkRunner
+    from metapeft.files import atomic_write_text
 
     folder = output_dir / machine.machine_id()
     try:
@@ -73,19 +74,20 @@ def run(
     )
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            suite.run(suite.sizes(quick), runner, progress)
+            failures = suite.run(suite.sizes(quick), runner, progress)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: nothing written[/]")
         raise typer.Exit(code=130) from None
     stem = _new_stem(folder)
     data = runner.to_dict()
-    data["command"] = "metapeft " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "metapeft bench"
+    data["command"] = shlex.join(
+        ["metapeft", "bench"]
+        + (["--quick"] if quick else [])
+        + (["--output-dir", str(output_dir)] if output_dir != Path("results") else [])
+    )
     data["quick"] = quick
+    data["failures"] = failures
     data["memory_budget_bytes"] = report.physical_memory()
-    import json
-
-    from metapeft.files import atomic_write_text
-
     atomic_write_text(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     written = report.plot(data, stem) if plots else []
     atomic_write_text(stem.with_suffix(".md"), report.markdown(data, written))
@@ -95,6 +97,11 @@ def run(
         f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')} and "
         f"{len(written)} plots; index {output_dir / 'README.md'}"
     )
+    if failures:
+        raise _fail(
+            f"{len(failures)} benchmark(s) failed (listed in {stem.with_suffix('.md')}): "
+            + "; ".join(f"{f['label']} {f['params']}: {f['error']}" for f in failures)
+        )
 
 
 @app.command()

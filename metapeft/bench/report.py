@@ -171,6 +171,12 @@ def markdown(data: dict[str, Any], plots: list[Path] | None = None) -> str:
     lines = [f"# {data.get('name', 'benchmarks')}", "", stamp(data), ""]
     if data.get("command"):
         lines += ["```bash", data["command"], "```", ""]
+    if data.get("failures"):
+        lines += ["## Failed", "", "| operation | parameters | error |", "|---|---|---|"]
+        lines += [
+            f"| {f['label']} | {_params(f['params'])} | `{f['error']}` |" for f in data["failures"]
+        ]
+        lines.append("")
     comps = comparisons(data)
     if comps:
         lines += [

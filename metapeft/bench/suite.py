@@ -221,32 +221,35 @@ def _meta_case(
     )
 
 
-def run(sizes: Sizes, runner: BenchmarkRunner | None = None, progress: Any = None):
-    """Time every case of ``sizes`` (skipping ones already recorded) and return the runner.
+def run(sizes: Sizes, runner: BenchmarkRunner, progress: Any = None) -> list[dict[str, Any]]:
+    """Time every case of ``sizes`` not yet recorded by ``runner``; return the failures.
 
-    ``progress`` is an optional ``rich.progress.Progress``; a task on it advances
-    once per case.
+    A case that raises is recorded as failed (label, parameters, error) and the
+    suite goes on; ``progress`` is an optional ``rich.progress.Progress``.
     """
-    runner = runner or BenchmarkRunner("metapeft suite")
     todo = [c for c in cases(sizes) if runner.operation(c.label, **c.params) is None]
     unique = {(c.label, repr(sorted(c.params.items()))): c for c in todo}
     bar = progress.add_task("benchmarks", total=len(unique)) if progress else None
+    failures = []
     for case in unique.values():
         if progress:
             params = ", ".join(f"{k}={v}" for k, v in case.params.items())
             progress.update(bar, description=f"{case.label} [{params}]")
-        fn = case.build()
-        runner.measure(
-            case.label,
-            fn,
-            repeat=case.repeat,
-            warmup=case.warmup,
-            min_time=case.min_time,
-            **case.params,
-        )
-        del fn
+        try:
+            fn = case.build()
+            runner.measure(
+                case.label,
+                fn,
+                repeat=case.repeat,
+                warmup=case.warmup,
+                min_time=case.min_time,
+                **case.params,
+            )
+        except Exception as e:  # noqa: BLE001 - reported as a failed benchmark
+            failures.append({"label": case.label, "params": case.params, "error": repr(e)})
+        fn = None
         gc.collect()
         mx.clear_cache()
         if progress:
             progress.advance(bar)
-    return runner
+    return failures
