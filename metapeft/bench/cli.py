@@ -126,8 +126,6 @@ def report_command(
     out: Annotated[Path | None, typer.Option(help="Write the Markdown here.")] = None,
 ) -> None:
     """A result file as Markdown (also reads ``pytest --benchmark-json`` output)."""
-    import json
-
     from metapeft.bench import report
 
     try:
