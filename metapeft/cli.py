@@ -1,5 +1,5 @@
 """The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``,
-``bench``, ``export``, ``plot``, ``registry`` and ``toolkit``.
+``bench``, ``export``, ``plot``, ``registry``, ``toolkit`` and ``meta-train-lora``.
 
 Commands are thin: they parse options, call the library and print. Heavy modules
 are imported inside the commands so that ``--help`` stays fast. Expected errors
@@ -412,6 +412,89 @@ def toolkit(
         tk.dispatch([target, *ctx.args], prog="metapeft toolkit")
     except tk.ToolkitError as e:
         raise _fail(e) from None
+
+
+@app.command("meta-train-lora")
+def meta_train_lora(
+    model: Annotated[str, typer.Option(help="mlx-lm model folder (or hub name when online).")],
+    tasks: Annotated[Path, typer.Option(help="JSONL: task and text, or prompt/completion.")],
+    output_dir: Annotated[Path, typer.Option(help="Where the mlx-lm adapters are written.")],
+    algorithm: Annotated[str | None, typer.Option(help="reptile, fomaml or maml.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale = alpha/rank).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
+    target_modules: Annotated[
+        str | None, typer.Option(help="Comma-separated mlx-lm keys, e.g. self_attn.q_proj.")
+    ] = None,
+    num_layers: Annotated[
+        int | None, typer.Option(help="Adapt the last N blocks (-1: all).")
+    ] = None,
+    base_adapters: Annotated[
+        Path | None, typer.Option(help="mlx-lm adapter folder to start from.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Meta-steps.")] = None,
+    meta_batch_size: Annotated[int | None, typer.Option(help="Tasks per meta-step.")] = None,
+    support_size: Annotated[int | None, typer.Option(help="Support examples per task.")] = None,
+    query_size: Annotated[int | None, typer.Option(help="Query examples per task.")] = None,
+    inner_lr: Annotated[float | None, typer.Option(help="Inner SGD step size.")] = None,
+    inner_steps: Annotated[int | None, typer.Option(help="Inner SGD steps.")] = None,
+    outer_lr: Annotated[float | None, typer.Option(help="Reptile epsilon or Adam rate.")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="Longer examples are cut.")] = None,
+    grad_checkpoint: Annotated[
+        bool, typer.Option(help="Recompute block activations (less memory).")
+    ] = False,
+    task_loop: Annotated[bool, typer.Option(help="Adapt tasks one at a time.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of the init and sampler.")] = None,
+) -> None:
+    """Meta-learn a LoRA initialisation for an mlx-lm model; write it as mlx-lm adapters."""
+    from rich.console import Console
+
+    from metapeft import lm
+
+    options = {
+        "algorithm": algorithm,
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": target_modules.split(",") if target_modules else None,
+        "num_layers": num_layers,
+        "base_adapters": base_adapters,
+        "steps": steps,
+        "meta_batch_size": meta_batch_size,
+        "support_size": support_size,
+        "query_size": query_size,
+        "inner_lr": inner_lr,
+        "inner_steps": inner_steps,
+        "outer_lr": outer_lr,
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+    }
+    console = Console()
+
+    def on_step(step: int, m: dict[str, float]) -> None:
+        console.print(
+            f"step {step}: support {m['support_loss']:.4f}  query {m['query_loss']:.4f}",
+            highlight=False,
+        )
+
+    try:
+        summary = lm.meta_train_lora(
+            model,
+            tasks,
+            output_dir,
+            grad_checkpoint=grad_checkpoint,
+            task_loop=task_loop,
+            on_step=on_step,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except (*USER_ERRORS, FloatingPointError) as e:
+        raise _fail(e) from None
+    console.print(
+        f"{summary['steps']} meta-steps in {summary['seconds']:.1f} s; adapters in "
+        f"{summary['output_dir']} (mlx_lm.load(model, adapter_path=...); "
+        f"mlx_lm.lora -c {summary['output_dir']}/lora_config.yaml --train --data DATA)",
+        highlight=False,
+    )
 
 
 def main() -> None:
