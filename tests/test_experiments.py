@@ -15,6 +15,10 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
     [
         ("sinusoid.py", ["--steps", "3", "--eval-tasks", "5", "--algorithms", "maml,reptile"]),
         ("digits.py", ["--steps", "2", "--episodes", "5", "--algorithms", "fomaml"]),
+        (
+            "lm_substitution.py",
+            ["--steps", "2", "--train-tasks", "4", "--eval-tasks", "3", "--meta-batch", "2"],
+        ),
     ],
 )
 def test_experiment_writes_json_and_markdown(tmp_path, script, args):

@@ -297,3 +297,21 @@ def test_base_adapters_start_meta_training(models, tasks_file, tmp_path):
     assert adapter.weights.keys() == start.keys()
     for k, v in adapter.weights.items():
         np.testing.assert_allclose(np.array(v), np.array(start[k]), atol=1e-4, err_msg=k)
+
+
+def test_checkpointed_blocks_use_less_memory(tmp_path):
+    save_random_model(tmp_path, "llama", hidden_size=64, num_layers=4)
+    x = mx.random.randint(4, 50, (4, 256))
+    y = mx.random.randint(4, 50, (4, 256))
+    peaks = []
+    for checkpoint in (False, True):
+        model, _, _ = load_model(tmp_path)
+        add_lora(model, LoRASpec(rank=4))
+        if checkpoint:
+            checkpoint_blocks(model)
+        mx.eval(model.parameters())
+        mx.reset_peak_memory()
+        active = mx.get_active_memory()
+        mx.eval(nn.value_and_grad(model, lm_loss)(model, x, y))
+        peaks.append(mx.get_peak_memory() - active)
+    assert peaks[1] < 0.75 * peaks[0], f"peak bytes without/with checkpointing: {peaks}"

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import yaml
 
+from metapeft.files import atomic_write_text
 from metapeft.learners import FOMAML, MAML, MetaLearner, Reptile
 from metapeft.lm.adapters import ADAPTER_FILE, MetaLoRAAdapter, read_adapters, save_adapters
 from metapeft.lm.data import TextTasks, lm_loss
@@ -177,7 +178,5 @@ def _write_lora_config(output_dir: Path, model_path: str | Path, spec: LoRASpec)
         "lora_parameters": spec.lora_parameters(),
         "resume_adapter_file": str((output_dir / ADAPTER_FILE).resolve()),
     }
-    path = output_dir / LORA_CONFIG
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config, sort_keys=False)
+    atomic_write_text(output_dir / LORA_CONFIG, text)
