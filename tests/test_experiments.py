@@ -17,7 +17,18 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
         ("digits.py", ["--steps", "2", "--episodes", "5", "--algorithms", "fomaml"]),
         (
             "lm_substitution.py",
-            ["--steps", "2", "--train-tasks", "4", "--eval-tasks", "3", "--meta-batch", "2"],
+            [
+                "--steps",
+                "2",
+                "--train-tasks",
+                "4",
+                "--val-tasks",
+                "2",
+                "--eval-tasks",
+                "3",
+                "--meta-batch",
+                "2",
+            ],
         ),
     ],
 )
