@@ -93,6 +93,8 @@ def test_too_many_blocks_is_an_error(models):
 
 
 def test_not_an_mlx_lm_folder_says_what_is_missing(tmp_path, models):
+    with pytest.raises(FileNotFoundError, match="missing: no such model folder"):
+        load_model(tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -315,3 +317,13 @@ def test_checkpointed_blocks_use_less_memory(tmp_path):
         mx.eval(nn.value_and_grad(model, lm_loss)(model, x, y))
         peaks.append(mx.get_peak_memory() - active)
     assert peaks[1] < 0.75 * peaks[0], f"peak bytes without/with checkpointing: {peaks}"
+
+
+def test_base_adapters_of_another_architecture_name_the_file(models, tmp_path):
+    spec = LoRASpec(rank=2, keys=("self_attn.qkv_proj",))
+    phi3, _, _ = load_model(models["phi3"])
+    add_lora(phi3, spec)
+    save_adapters(tmp_path, phi3.trainable_parameters(), spec)
+    llama, _, _ = load_model(models["llama"])
+    with pytest.raises(ValueError, match=r"adapters\.safetensors: target modules.*qkv_proj"):
+        MetaLoRAAdapter.load(tmp_path).apply(llama)

@@ -185,9 +185,13 @@ class MetaLoRAAdapter:
         initialisation, and freezes the rest; returns ``model``.
 
         Raises:
-            ValueError: If the weights do not fit the model (names the file and modules).
+            ValueError: If the config's modules or the weights do not fit the model
+                (names the file and the modules).
         """
-        add_lora(model, self.spec, blas_linear=blas_linear)
+        try:
+            add_lora(model, self.spec, blas_linear=blas_linear)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
         self.reset(model)
         return model
 

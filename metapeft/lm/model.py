@@ -25,6 +25,9 @@ from metapeft.nn.lora import check_lora_args
 
 __all__ = ["LoRASpec", "QLoRALinear", "add_lora", "adapter_paths", "load_model"]
 
+# The module types that get adapters (mlx-lm also adapts embeddings and MoE experts).
+_LORA_TYPES = (nn.Linear, nn.QuantizedLinear)
+
 
 @dataclass(frozen=True)
 class LoRASpec:
@@ -172,8 +175,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
             Face repository name (downloaded by mlx-lm when online).
 
     Raises:
+        FileNotFoundError: If ``path`` is an absolute or ``./`` path that does not exist.
         ValueError: If a local folder is not in mlx-lm's layout (the message says
-            what is missing) or its architecture is not one mlx-lm knows.
+            what is missing), its architecture is not one mlx-lm knows, or a hub
+            name cannot be fetched.
 
     Example:
         >>> model, tokenizer, config = load_model("tiny-llama")
@@ -181,6 +186,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     import mlx_lm
 
     folder = Path(path)
+    if not folder.exists() and (folder.is_absolute() or str(path).startswith(".")):
+        raise FileNotFoundError(f"{folder}: no such model folder")
     if folder.exists():
         if not folder.is_dir():
             raise ValueError(f"{folder}: not a model folder (mlx-lm models are directories)")
@@ -202,15 +209,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
             raise ValueError(f"{folder}: no tokenizer (tokenizer.json or tokenizer.model)")
     try:
         model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ValueError(f"{path}: mlx-lm cannot load this model: {e}") from None
+    except Exception as e:  # mlx-lm and the hub client raise many types
+        where = "" if folder.exists() else " (not a local folder; tried the Hugging Face hub)"
+        raise ValueError(f"{path}: mlx-lm cannot load this model{where}: {e}") from None
     if not hasattr(model, "layers"):
         raise ValueError(f"{path}: the model has no 'layers' (transformer blocks) to adapt")
     return model, tokenizer, config
-
-
-def _lora_types() -> tuple[type, ...]:
-    return (nn.Linear, nn.QuantizedLinear)
 
 
 def adapter_paths(model: nn.Module, spec: LoRASpec) -> dict[str, nn.Module]:
@@ -234,9 +238,7 @@ def adapter_paths(model: nn.Module, spec: LoRASpec) -> dict[str, nn.Module]:
     keys = spec.keys
     if keys is None:
         keys = tuple(
-            sorted(
-                {p for b in blocks for p, m in b.named_modules() if isinstance(m, _lora_types())}
-            )
+            sorted({p for b in blocks for p, m in b.named_modules() if isinstance(m, _LORA_TYPES)})
         )
     first = len(blocks) - (len(blocks) if spec.num_layers == -1 else spec.num_layers)
     chosen: dict[str, nn.Module] = {}
@@ -252,14 +254,12 @@ def adapter_paths(model: nn.Module, spec: LoRASpec) -> dict[str, nn.Module]:
             matched.add(path)
     unused = [k for k in keys if k not in matched] if spec.keys is not None else []
     if unused or not chosen:
-        linear = sorted(p for p, m in blocks[-1].named_modules() if isinstance(m, _lora_types()))
+        linear = sorted(p for p, m in blocks[-1].named_modules() if isinstance(m, _LORA_TYPES))
         raise ValueError(
             f"target modules {unused or list(keys)} match no module of the adapted blocks; "
             f"a block's Linear modules are: {', '.join(linear)}"
         )
-    bad = [
-        f"{p} ({type(m).__name__})" for p, m in chosen.items() if not isinstance(m, _lora_types())
-    ]
+    bad = [f"{p} ({type(m).__name__})" for p, m in chosen.items() if not isinstance(m, _LORA_TYPES)]
     if bad:
         raise ValueError(
             f"LoRA applies to Linear and QuantizedLinear modules only; not to {', '.join(bad)}"

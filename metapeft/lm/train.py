@@ -121,10 +121,9 @@ def meta_train_lora(
         tasks_path, tokenizer, support_size, query_size, max_seq_length, seed
     )
     mx.random.seed(seed)
-    base_config: dict[str, Any] = {}
     if base_adapters is not None:
-        weights, spec, base_config = read_adapters(base_adapters)
-        adapter = MetaLoRAAdapter(weights, spec, base_config)
+        weights, spec, _ = read_adapters(base_adapters)
+        adapter = MetaLoRAAdapter(weights, spec)
         adapter.source = str(Path(base_adapters) / ADAPTER_FILE)
         adapter.apply(model)
     else:
@@ -160,8 +159,7 @@ def meta_train_lora(
         "final": metrics,
     }
     output_dir = Path(output_dir)
-    config = {k: v for k, v in base_config.items() if k not in ("meta_learning",)}
-    config.update(model=str(model_path), meta_learning=settings)
+    config = {"model": str(model_path), "meta_learning": settings}
     save_adapters(output_dir, model.trainable_parameters(), spec, config)
     _write_lora_config(output_dir, model_path, spec)
     return {"steps": steps, "final": metrics, "seconds": seconds, "output_dir": str(output_dir)}
