@@ -16,6 +16,21 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
         ("sinusoid.py", ["--steps", "3", "--eval-tasks", "5", "--algorithms", "maml,reptile"]),
         ("digits.py", ["--steps", "2", "--episodes", "5", "--algorithms", "fomaml"]),
         (
+            "lm_memory.py",
+            [
+                "--hidden-size",
+                "64",
+                "--num-layers",
+                "2",
+                "--intermediate-size",
+                "128",
+                "--shots",
+                "1",
+                "--length",
+                "8",
+            ],
+        ),
+        (
             "lm_substitution.py",
             [
                 "--steps",
