@@ -62,3 +62,13 @@ class LoRAMetaStep(_MetaStep):
     )
     params = (ALGORITHMS, [1, 5], ["fused", "naive"])
     param_names = ["algorithm", "inner_steps", "impl"]
+
+
+class LMMetaStep(_MetaStep):
+    """A random Llama-shaped mlx-lm model (d=64, 2 blocks), rank-8 adapters on q and v,
+    4 tasks; ``naive`` loops over tasks on mlx-lm's own LoRA layers."""
+
+    problem = "lm"
+    sizes = size({"tasks": 4, "dim": 64, "layers": 2}, {"tasks": 2, "dim": 32, "layers": 1})
+    params = (["reptile", "fomaml", "maml"], [1], ["fused", "naive"])
+    param_names = ["algorithm", "inner_steps", "impl"]

@@ -91,6 +91,9 @@ def test_every_asv_benchmark_runs_on_tiny_sizes():
         "LoRAMetaStep.time_meta_step",
         "LoRAMetaStep.track_peak_memory",
         "LoRAMetaStep.track_meta_steps_per_second",
+        "LMMetaStep.time_meta_step",
+        "LMMetaStep.track_peak_memory",
+        "LMMetaStep.track_meta_steps_per_second",
     }
     assert ran == expected, tail
     # Only the plain-MLX baseline of non-MAML algorithms is skipped (3 x 2 steps).

@@ -253,7 +253,8 @@ def meta_step(
     """One meta-training step, ready to time (each call evaluates its result).
 
     Args:
-        problem: ``sinusoid`` or ``lora`` (then ``dim``, ``rank``, ``layers``, ``rows``).
+        problem: ``sinusoid``, ``lora`` (then ``dim``, ``rank``, ``layers``, ``rows``) or
+            ``lm`` (then ``dim``, ``layers``; see :func:`lm_meta_step`).
         algorithm: One of :data:`ALGORITHMS`.
         impl: ``fused`` (batched learner on metapeft's layers), ``naive`` (a Python
             loop over tasks on stock layers) or, for MAML on sinusoid, ``mlx`` (plain
@@ -261,6 +262,8 @@ def meta_step(
         tasks: Tasks per meta-batch.
         inner_steps: Inner SGD steps per task.
     """
+    if problem == "lm":
+        return lm_meta_step(algorithm, impl, tasks=tasks, inner_steps=inner_steps, **lora)
     if problem == "sinusoid":
         episodes = sinusoid_episodes(tasks)
         if impl == "mlx":
@@ -273,8 +276,57 @@ def meta_step(
         episodes = lora_episodes(tasks, lora["rows"], lora["dim"])
         model = lora_net(lora["dim"], lora["rank"], lora["layers"], fused=impl == "fused")
     else:
-        raise ValueError(f"unknown problem {problem!r}; expected sinusoid or lora")
+        raise ValueError(f"unknown problem {problem!r}; expected sinusoid, lora or lm")
     if impl not in ("fused", "naive"):
         raise ValueError(f"unknown implementation {impl!r}; expected fused, naive or mlx")
     learner = make_learner(algorithm, model, inner_steps=inner_steps, batched=impl == "fused")
     return lambda: learner.meta_train_step(episodes, mse)
+
+
+# ------------------------------------------------------------------ language model
+def lm_meta_step(
+    algorithm: str, impl: str, *, tasks: int, inner_steps: int, dim: int, layers: int
+) -> Callable[[], Any]:
+    """One LoRA meta-step on a random Llama-shaped mlx-lm model (bfloat16, rank-8
+    adapters on ``q_proj`` and ``v_proj``, 2 + 2 examples of 31 tokens per task).
+
+    ``fused`` adapts every task at once on metapeft's layers; ``naive`` loops over
+    tasks on mlx-lm's own LoRA layers, as a user of mlx-lm would.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from metapeft import lm
+    from metapeft.lm.random_model import save_random_model
+
+    spec = lm.LoRASpec(rank=8, keys=("self_attn.q_proj", "self_attn.v_proj"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_random_model(
+            folder,
+            "llama",
+            hidden_size=dim,
+            num_layers=layers,
+            num_heads=max(dim // 128, 4),
+            num_kv_heads=max(dim // 256, 2),
+            dtype=mx.bfloat16,
+        )
+        text = ("abcdefgh " * 4)[:32]
+        lines = [json.dumps({"task": f"t{t}", "text": text}) for t in range(4) for _ in range(8)]
+        (folder / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+        model, tokenizer, _ = lm.load_model(folder)
+        text_tasks = lm.TextTasks.from_jsonl(folder / "tasks.jsonl", tokenizer, 2, 2)
+        mx.eval(model.parameters())
+    if impl == "fused":
+        lm.add_lora(model, spec)
+    elif impl == "naive":
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), spec.lora_parameters())
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; expected fused or naive")
+    learner = lm.build_learner(model, algorithm, 0.1, inner_steps, 1e-3, batched=impl == "fused")
+    episodes = text_tasks.sample(tasks)
+    return lambda: learner.meta_train_step(episodes)

@@ -1,11 +1,13 @@
 """The standard benchmark suite of ``metapeft bench``.
 
-Three parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
+Four parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
 
 - comparisons: each fused primitive and learner beside its pure-MLX reference,
   numpy twin, plain-MLX ``vmap`` + ``compile`` version or naive per-task loop;
 - scaling: a meta-step's cost against tasks per meta-batch ``T``, LoRA rank and
   inner steps;
+- language models: a LoRA meta-step on random mlx-lm Llamas (tiny, and d=2048 with 16
+  blocks), fused against the naive loop on mlx-lm's own LoRA layers;
 - capacity: peak memory of a MAML step of a d=4096 LoRA model against ``T``, from
   which the report extrapolates the largest ``T`` that fits in memory.
 
@@ -53,6 +55,8 @@ class Sizes:
     sinusoid_inner_steps: tuple[int, ...]
     capacity_dim: int
     capacity_tasks: tuple[int, ...]
+    lm_small: dict[str, int]  # tasks, dim, layers of a random mlx-lm Llama
+    lm_large: dict[str, int] | None
     naive_repeat: int
     slow_repeat: int
     fast_repeat: int
@@ -70,6 +74,8 @@ FULL = Sizes(
     sinusoid_inner_steps=(1, 2, 5, 10),
     capacity_dim=4096,
     capacity_tasks=(1, 2, 4, 8, 16, 32),
+    lm_small={"tasks": 4, "dim": 64, "layers": 2},
+    lm_large={"tasks": 4, "dim": 2048, "layers": 16},
     naive_repeat=3,
     slow_repeat=3,
     fast_repeat=200,
@@ -87,6 +93,8 @@ QUICK = Sizes(
     sinusoid_inner_steps=(1, 2, 5),
     capacity_dim=1024,
     capacity_tasks=(1, 2, 4),
+    lm_small={"tasks": 4, "dim": 64, "layers": 2},
+    lm_large=None,
     naive_repeat=1,
     slow_repeat=2,
     fast_repeat=50,
@@ -104,6 +112,8 @@ TINY = Sizes(
     sinusoid_inner_steps=(1, 2, 3),
     capacity_dim=16,
     capacity_tasks=(1, 2, 3),
+    lm_small={"tasks": 2, "dim": 32, "layers": 1},
+    lm_large=None,
     naive_repeat=1,
     slow_repeat=1,
     fast_repeat=2,
@@ -185,6 +195,13 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     for algorithm in problems.ALGORITHMS:
         for impl in ("fused", "naive"):
             yield _meta_case("lora", algorithm, impl, s, inner_steps=1, **s.lora_model)
+
+    for algorithm in ("reptile", "fomaml", "maml"):
+        for impl in ("fused", "naive"):
+            yield _meta_case("lm", algorithm, impl, s, inner_steps=1, **s.lm_small)
+    if s.lm_large:
+        for impl in ("fused", "naive"):
+            yield _meta_case("lm", "fomaml", impl, s, inner_steps=1, repeat=1, **s.lm_large)
 
     for tasks in s.sinusoid_tasks:
         yield _meta_case("sinusoid", "maml", "fused", s, tasks=tasks, inner_steps=1)

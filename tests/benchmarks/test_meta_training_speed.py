@@ -7,6 +7,8 @@ Groups (each measured in one run):
 - a LoRA model (4 adapted 1024x1024 layers, r=8, T=16 tasks of 64 rows) for
   MAML, FOMAML, Meta-SGD and Reptile: the batched learner on :class:`metapeft.nn.LoRALinear`
   against the naive loop on stock-MLX LoRA layers.
+- a random Llama-shaped mlx-lm model (d=64, 2 blocks, T=4) for Reptile, FOMAML
+  and MAML: every task at once against the naive loop on mlx-lm's LoRA layers.
 Peak memory of one step (``mx.get_peak_memory``) goes into ``extra_info``.
 """
 
@@ -55,3 +57,18 @@ def test_lora_meta_step(benchmark, algorithm, impl):
     run = problems.meta_step("lora", algorithm, impl, inner_steps=inner_steps, **LORA)
     _peak_memory(benchmark, run)
     benchmark.pedantic(run, rounds=10 if impl == "fused" else 3, iterations=1, warmup_rounds=1)
+
+
+LM = size({"tasks": 4, "dim": 64, "layers": 2}, {"tasks": 2, "dim": 32, "layers": 1})
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml", "maml"])
+def test_lm_meta_step(benchmark, algorithm, impl):
+    benchmark.group = (
+        f"LM {algorithm} meta-step, random Llama d={LM['dim']} {LM['layers']} blocks, "
+        f"T={LM['tasks']}"
+    )
+    run = problems.meta_step("lm", algorithm, impl, inner_steps=1, **LM)
+    _peak_memory(benchmark, run)
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
