@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import metapeft
-from metapeft.files import atomic_write, atomic_write_text
+from metapeft.files import atomic_write
 
 FORMAT = "metapeft-checkpoint-1"
 
@@ -59,43 +59,6 @@ def save_npz(path: str | Path, tree: Any) -> None:
         raise ValueError(f"{path}: an .npz file name must end in .npz")
     arrays = dict(tree_flatten(tree))
     atomic_write(path, lambda tmp: mx.savez(str(tmp), **arrays))
-
-
-def export_adapters(folder: str | Path, params: Any, lora: Any) -> Path:
-    """Writes LoRA adapters as mlx-lm does: ``adapters.safetensors`` and ``adapter_config.json``.
-
-    Args:
-        folder: The adapter folder; created if missing.
-        params: The meta-learned tree; its ``lora_a``/``lora_b`` leaves are written.
-        lora: The run's LoRA settings (``rank``, ``alpha``, ``dropout``,
-            ``target_modules``), e.g. ``config.model.lora``.
-
-    Raises:
-        ValueError: If ``params`` holds no adapters.
-
-    Example:
-        >>> export_adapters("adapters", learner.meta_parameters()["params"], config.model.lora)
-        ... # doctest: +SKIP
-    """
-    folder = Path(folder)
-    adapters = {k: v for k, v in tree_flatten(params) if k.endswith((".lora_a", ".lora_b"))}
-    if not adapters:
-        raise ValueError("no LoRA adapters (lora_a/lora_b) among the meta-parameters")
-    atomic_write(
-        folder / "adapters.safetensors", lambda tmp: mx.save_safetensors(str(tmp), adapters)
-    )
-    settings = {
-        "fine_tune_type": "lora",
-        "lora_parameters": {
-            "rank": lora.rank,
-            "scale": lora.alpha / lora.rank,
-            "dropout": lora.dropout,
-            "keys": lora.target_modules,
-        },
-        "metapeft_version": metapeft.__version__,
-    }
-    atomic_write_text(folder / "adapter_config.json", json.dumps(settings, indent=2) + "\n")
-    return folder
 
 
 def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

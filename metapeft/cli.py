@@ -223,6 +223,21 @@ def _run_config(checkpoint: Path):
     return MetaLearningConfig.from_yaml(config_path)
 
 
+def _export_adapters(folder: Path, params, lora) -> None:
+    """The ``lora_a``/``lora_b`` leaves of ``params`` as an mlx-lm adapter folder."""
+    from mlx.utils import tree_flatten
+
+    from metapeft import __version__
+    from metapeft.lm import LoRASpec, save_adapters
+
+    adapters = {k: v for k, v in tree_flatten(params) if k.endswith((".lora_a", ".lora_b"))}
+    if not adapters:
+        raise ValueError("no LoRA adapters (lora_a/lora_b) among the meta-parameters")
+    keys = tuple(lora.target_modules) if lora.target_modules else None
+    spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, keys=keys)
+    save_adapters(folder, adapters, spec, {"metapeft_version": __version__})
+
+
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'metapeft train'.")],
@@ -266,7 +281,7 @@ def export(
                     "export it as npz"
                 )
             target = output if output is not None else checkpoint.parent.parent / "adapters"
-            ckpt.export_adapters(target, params, lora)
+            _export_adapters(target, params, lora)
     except USER_ERRORS as e:
         raise _fail(e) from None
     typer.echo(f"exported {checkpoint} -> {target}")

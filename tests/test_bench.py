@@ -38,7 +38,7 @@ def test_measure_repeats_and_warms_up():
     runner = BenchmarkRunner("unit")
     op = runner.measure("count", lambda: calls.append(1) or mx.ones(2), repeat=4, warmup=2)
     assert len(calls) == 6 and len(op.seconds) == 4
-    with pytest.raises(ValueError, match="repeat"):
+    with pytest.raises(ValueError, match="repeat and number"):
         runner.measure("count", lambda: None, repeat=0)
 
 

@@ -107,20 +107,24 @@ class BenchmarkRunner:
         repeat: int = 10,
         warmup: int = 1,
         min_time: float = 0.0,
+        number: int = 1,
         **params: Any,
     ) -> Operation:
-        """Call ``fn`` ``warmup`` times untimed, then time it at least ``repeat``
-        times and until ``min_time`` seconds have been spent; ``fn``'s result is
-        evaluated inside the timed block."""
-        if repeat < 1:
-            raise ValueError(f"repeat must be at least 1, got {repeat}")
+        """Time ``fn`` (its result evaluated) as ``label``: ``warmup`` untimed calls,
+        then at least ``repeat`` samples, and more until ``min_time`` seconds have been
+        spent. A sample is the mean of ``number`` back-to-back calls, which keeps the
+        runner's own synchronisation out of the time of a microsecond-scale ``fn``."""
+        if repeat < 1 or number < 1:
+            raise ValueError(f"repeat and number must be at least 1, got {repeat} and {number}")
         for _ in range(warmup):
             mx.eval(fn())
         spent, n = 0.0, 0
         while n < repeat or spent < min_time:
             with self.time_operation(label, **params) as op:
-                mx.eval(fn())
+                for _ in range(number):
+                    mx.eval(fn())
             spent += op.seconds[-1]
+            op.seconds[-1] /= number
             n += 1
         return op
 

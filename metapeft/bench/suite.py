@@ -39,6 +39,7 @@ class Case:
     repeat: int = 10
     min_time: float = 0.0
     warmup: int = 1
+    number: int = 1  # calls per timed sample (for microsecond-scale operations)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Sizes:
     naive_repeat: int
     slow_repeat: int
     fast_repeat: int
+    fast_number: int
     min_time: float  # seconds to keep repeating a fast meta-step
 
 
@@ -78,7 +80,8 @@ FULL = Sizes(
     lm_large={"tasks": 4, "dim": 2048, "layers": 16},
     naive_repeat=3,
     slow_repeat=3,
-    fast_repeat=200,
+    fast_repeat=30,
+    fast_number=100,
     min_time=0.5,
 )
 
@@ -97,7 +100,8 @@ QUICK = Sizes(
     lm_large=None,
     naive_repeat=1,
     slow_repeat=2,
-    fast_repeat=50,
+    fast_repeat=10,
+    fast_number=50,
     min_time=0.2,
 )
 
@@ -117,6 +121,7 @@ TINY = Sizes(
     naive_repeat=1,
     slow_repeat=1,
     fast_repeat=2,
+    fast_number=2,
     min_time=0.0,
 )
 
@@ -186,6 +191,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
                     lambda op=op, impl=impl, tasks=tasks, tree=tree: _update(op, impl, tasks, tree),
                     repeat=s.fast_repeat,
                     warmup=10,
+                    number=s.fast_number,
                 )
 
     sin_t = 25 if 25 in s.sinusoid_tasks else s.sinusoid_tasks[-1]
@@ -260,6 +266,7 @@ def run(sizes: Sizes, runner: BenchmarkRunner, progress: Any = None) -> list[dic
                 repeat=case.repeat,
                 warmup=case.warmup,
                 min_time=case.min_time,
+                number=case.number,
                 **case.params,
             )
         except Exception as e:  # noqa: BLE001 - reported as a failed benchmark
