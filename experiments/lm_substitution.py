@@ -19,6 +19,7 @@ confidence interval over tasks and the paired difference to ``meta``.
 
 Usage:
     python experiments/lm_substitution.py --out results/<machine>/lm_substitution
+    python experiments/lm_substitution.py --plot results/<machine>/lm_substitution.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -182,7 +184,43 @@ def main() -> None:
         "every Linear of the blocks.",
     ]
     write_results(args.out, args, rows, table)
+    if args.out is not None:
+        plot(rows, args.out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Query loss against fine-tuning steps k for each initialisation, 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metapeft.files import atomic_write
+
+    names = {"meta": "meta-learned", "standard": "mlx-lm standard (lora_b = 0)", "pooled": "pooled"}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for init in dict.fromkeys(r["init"] for r in rows):
+        mine = sorted((r for r in rows if r["init"] == init), key=lambda r: r["k"])
+        ax.errorbar(
+            [r["k"] for r in mine],
+            [r["query_loss"] for r in mine],
+            yerr=[r["ci95"] for r in mine],
+            marker="o",
+            capsize=3,
+            label=names.get(init, init),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning steps k on a held-out task")
+    ax.set_ylabel("query loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # redraw from a saved JSON
+        saved = Path(sys.argv[2])
+        plot(json.loads(saved.read_text())["rows"], saved.with_suffix(".png"))
+    else:
+        main()

@@ -221,3 +221,23 @@ def test_a_failing_benchmark_is_reported_never_skipped(tmp_path, monkeypatch):
     assert [o["label"] for o in data["operations"]] == ["ok"]
     assert data["failures"][0]["label"] == "bad"
     assert "## Failed" in js.with_suffix(".md").read_text()
+
+
+def test_rank_sweep_reports_growth_over_the_range():
+    ops = [_op("s", s, impl="fused", rank=r) for r, s in ((1, 1.0), (8, 1.2), (64, 2.0))]
+    text = report.markdown(_data(*ops))
+    assert "From rank=1 to rank=64 (64x the rank) a meta-step costs 2.00x" in text
+    assert "| 64 | 2.00 s | 0.50 | 2.00x |" in text
+
+
+def test_report_redraws_plots_beside_the_result(tmp_path):
+    ops = [_op("s", 0.1 * t, 1000 * t, impl="fused", tasks=t) for t in (1, 2, 4)]
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps(_data(*ops)))
+    out = tmp_path / "run.md"
+    assert (
+        cli.invoke(app, ["bench", "report", str(result), "--plots", "--out", str(out)]).exit_code
+        == 0
+    )
+    pngs = sorted(tmp_path.glob("run-*.png"))
+    assert len(pngs) == 2 and all(f"({p.name})" in out.read_text() for p in pngs)

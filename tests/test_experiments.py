@@ -60,3 +60,5 @@ def test_experiment_writes_json_and_markdown(tmp_path, script, args):
     assert record["machine"]["mlx"] and record["rows"]
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") >= 3 and "|" in table
+    if script == "lm_substitution.py":
+        assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

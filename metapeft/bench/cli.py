@@ -124,6 +124,9 @@ def compare(
 def report_command(
     result: Annotated[Path, typer.Argument(help="A metapeft bench or pytest-benchmark JSON.")],
     out: Annotated[Path | None, typer.Option(help="Write the Markdown here.")] = None,
+    plots: Annotated[
+        bool, typer.Option(help="Redraw the PNG plots beside the result file and link them.")
+    ] = False,
 ) -> None:
     """A result file as Markdown (also reads ``pytest --benchmark-json`` output)."""
     from metapeft.bench import report
@@ -136,9 +139,11 @@ def report_command(
         text = report.pytest_markdown(data)
     else:
         try:
-            text = report.markdown(report.load(result))
+            data = report.load(result)
         except ValueError as e:
             raise _fail(str(e)) from None
+        drawn = report.plot(data, result.with_suffix("")) if plots else None
+        text = report.markdown(data, drawn)
     _emit(text, out)
 
 

@@ -100,7 +100,15 @@ def sweeps(data: dict[str, Any], min_points: int = 3) -> list[Sweep]:
 
 # --------------------------------------------------------------------- scaling
 def linearity(sweep: Sweep) -> str:
-    """Where the cost per unit of the swept parameter is within 25% of its best."""
+    """How the cost grows along the sweep: per task or inner step, where the cost per
+    unit is within 25% of its best; for rank, the growth over the whole range."""
+    if sweep.key == "rank":
+        (r0, first), (r1, last) = sweep.points[0], sweep.points[-1]
+        return (
+            f"From rank={r0} to rank={r1} ({r1 / r0:g}x the rank) a meta-step costs "
+            f"{last['median_s'] / first['median_s']:.2f}x as much: the frozen base's "
+            "products, which do not depend on the rank, take most of the time."
+        )
     per = [(v, op["median_s"] / v) for v, op in sweep.points if v > 0]
     best_v, best = min(per, key=lambda p: p[1])
     near = [v for v, c in per if c <= 1.25 * best]
@@ -114,7 +122,7 @@ def linearity(sweep: Sweep) -> str:
         text += f"; at {sweep.key}={first[0]} a fixed cost dominates ({first[1] / best:.1f}x)"
     if last[1] > 1.25 * best and last[0] > best_v:
         text += f"; at {sweep.key}={last[0]} it has grown {last[1] / best:.2f}x (not linear)"
-    return text
+    return text + "."
 
 
 @dataclass
@@ -199,12 +207,17 @@ def markdown(data: dict[str, Any], plots: list[Path] | None = None) -> str:
     budget = data.get("memory_budget_bytes") or physical_memory()
     for sw in sweeps(data):
         lines += [f"## {sw.title}", "", linearity(sw), ""]
+        unit = "vs the first" if sw.key == "rank" else f"per {_UNIT[sw.key]}"
         lines += [
-            f"| {sw.key} | median | meta-steps/s | per {sw.key} | peak memory |",
+            f"| {sw.key} | median | meta-steps/s | {unit} | peak memory |",
             "|---:|---:|---:|---:|---:|",
         ]
+        first = sw.points[0][1]["median_s"]
         for v, op in sw.points:
-            per = format_seconds(op["median_s"] / v) if v else "-"
+            if sw.key == "rank":
+                per = f"{op['median_s'] / first:.2f}x"
+            else:
+                per = format_seconds(op["median_s"] / v) if v else "-"
             lines.append(
                 f"| {v} | {format_seconds(op['median_s'])} | {1 / op['median_s']:.2f} | {per} "
                 f"| {format_bytes(op['peak_memory_bytes'])} |"
