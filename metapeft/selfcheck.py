@@ -8,7 +8,6 @@ op. ``metapeft validate`` runs it and exits non-zero if any op disagrees.
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,19 +16,15 @@ from mlx.utils import tree_flatten
 
 import metapeft
 from metapeft import ops, reference
+from metapeft.bench.runner import BenchmarkRunner
 
 # Largest |fused - reference| accepted, relative to the reference's scale.
 TOLERANCE = 1e-4
 
 
 def _time_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    op = BenchmarkRunner("selfcheck").measure("op", fn, repeat=repeats, warmup=1)
+    return min(op.seconds) * 1e3
 
 
 def _max_rel_error(got: Any, expected: Any) -> float:
@@ -103,12 +98,13 @@ def run_learner(config: Any, tasks: int = 4) -> bool:
 
     episodes = training.task_distributions(config)[0].sample(tasks)
     results = []
+    timer = BenchmarkRunner("selfcheck")
     for batched in (True, False):
         learner = training.build_learner(config, training.build_model(config))
         learner.batched = batched
-        start = time.perf_counter()
-        metrics = learner.meta_train_step(episodes)
-        results.append((metrics, learner.meta_parameters(), (time.perf_counter() - start) * 1e3))
+        with timer.time_operation("meta_train_step", batched=batched) as op:
+            metrics = learner.meta_train_step(episodes)
+        results.append((metrics, learner.meta_parameters(), op.seconds[-1] * 1e3))
     (fast, fast_meta, t_fast), (naive, naive_meta, t_naive) = results
     error = _max_rel_error(fast_meta, naive_meta)
     ok = error <= TOLERANCE and all(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import yaml
 
+from metapeft.bench.runner import BenchmarkRunner
 from metapeft.files import atomic_write_text
 from metapeft.learners import FOMAML, MAML, MetaLearner, Reptile
 from metapeft.lm.adapters import ADAPTER_FILE, MetaLoRAAdapter, read_adapters, save_adapters
@@ -103,7 +103,8 @@ def meta_train_lora(
         on_step: Called as ``on_step(step, metrics)`` after every meta-step.
 
     Returns:
-        A summary: ``steps``, ``final`` metrics, ``seconds``, ``output_dir``.
+        A summary: ``steps``, ``final`` metrics, ``seconds`` (in meta-steps),
+        ``output_dir``.
 
     Example:
         >>> summary = meta_train_lora("tiny-llama", "tasks.jsonl", "meta-init", steps=10)
@@ -136,13 +137,15 @@ def meta_train_lora(
     # models adapt their tasks one at a time.
     batched = not (task_loop or grad_checkpoint or is_quantized(model))
     learner = build_learner(model, algorithm, inner_lr, inner_steps, outer_lr, batched)
-    start = time.perf_counter()
+    timer = BenchmarkRunner("meta-train-lora")
     metrics: dict[str, float] = {}
     for step in range(1, steps + 1):
-        metrics = learner.meta_train_step(tasks.sample(meta_batch_size))
+        episodes = tasks.sample(meta_batch_size)
+        with timer.time_operation("meta_train_step") as op:
+            metrics = learner.meta_train_step(episodes)
         if on_step is not None:
             on_step(step, metrics)
-    seconds = time.perf_counter() - start
+    seconds = sum(op.seconds) if steps else 0.0
     settings = {
         "algorithm": algorithm,
         "steps": steps,
