@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,7 +197,9 @@ def _train(
     steps = config.training.num_iterations
     timer = BenchmarkRunner("train")
     metrics: dict[str, float] = {}
+    interrupt = StepBoundaryInterrupt()
     try:
+        interrupt.install()
         while learner.step < steps:
             episodes = train_tasks.sample(config.training.meta_batch_size)
             with timer.time_operation("meta_train_step") as op:
@@ -219,10 +223,14 @@ def _train(
                 logger.info("step %d: %s", step, json.dumps(metrics))
             if on_step is not None:
                 on_step(step, metrics)
+            if interrupt.requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         save(paths.last)
         logger.warning("interrupted at step %d; saved %s", learner.step, paths.last)
         raise
+    finally:
+        interrupt.uninstall()
     logger.info("done: %d steps, best validation query loss %.6g", learner.step, best)
     return {
         "steps": learner.step,
@@ -232,6 +240,30 @@ def _train(
         "checkpoint": str(paths.last),
         "best_checkpoint": str(paths.best),
     }
+
+
+class StepBoundaryInterrupt:
+    """Ctrl-C lets the current meta-step finish, so that ``last`` is saved at a step
+    boundary and a resumed run is exact; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping after this meta-step (press again to stop now)")
 
 
 def _log_to(folder: Path) -> logging.Handler:

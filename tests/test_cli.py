@@ -190,3 +190,21 @@ def test_ctrl_c_mid_run_saves_last_and_resume_matches(tmp_path):
     fa, fb = dict(tree_flatten(a["meta"])), dict(tree_flatten(b["meta"]))
     for key in fa:
         np.testing.assert_allclose(np.array(fa[key]), np.array(fb[key]), rtol=1e-5, atol=1e-6)
+
+
+def test_first_ctrl_c_waits_for_the_step_boundary_second_stops_now():
+    import os
+    import signal
+
+    from metapeft.training import StepBoundaryInterrupt
+
+    interrupt = StepBoundaryInterrupt()
+    interrupt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        interrupt.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
