@@ -25,9 +25,10 @@ inline int max_threads() {
   return threads;
 }
 
-// Sets OpenBLAS's (process-wide) thread count, calling it only on a change.
+// Sets OpenBLAS's (process-wide) thread count, calling it only on a change. The
+// starting count is read before the first change, whatever size of product comes first.
 inline void use_threads(int threads) {
-  static std::atomic<int> current{-1};
+  static std::atomic<int> current{max_threads()};
   if (current.exchange(threads) != threads) {
     scipy_openblas_set_num_threads(threads);
   }

@@ -1,6 +1,10 @@
 """ops.linear: ``x @ weight.T + bias`` with one weight, or one weight per task."""
 
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import mlx.core as mx
 import numpy as np
@@ -292,3 +296,25 @@ def test_bad_shapes(x_shape, w_shape, b_shape, names):
     b = None if b_shape is None else rand(rng, b_shape)
     shapes = [s for s in (x_shape, w_shape, b_shape) if s is not None]
     check_raises(ValueError, lambda: ops.linear(x, w, b), names, shapes)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs more than one core")
+def test_large_products_keep_all_blas_threads_after_small_ones():
+    """Small products run OpenBLAS on one thread; a large one that comes after them
+    must get every thread back (a fresh process, so the small product comes first)."""
+    code = textwrap.dedent(
+        """
+        import mlx.core as mx, threadpoolctl
+        from metapeft import ops
+        def ours():
+            (n,) = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                    if "scipy_openblas32" in i["filepath"]]
+            return n
+        mx.eval(ops.linear(mx.ones((2, 2)), mx.ones((2, 2))))
+        assert ours() == 1, ours()
+        mx.eval(ops.linear(mx.ones((512, 512)), mx.ones((512, 512))))
+        print(ours())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) > 1, out.stdout + out.stderr
