@@ -190,15 +190,10 @@ def main() -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Query loss against fine-tuning steps k for each initialisation, 95% CI bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from metapeft.files import atomic_write
+    from metapeft.plotting import new_figure, save_png
 
     names = {"meta": "meta-learned", "standard": "mlx-lm standard (lora_b = 0)", "pooled": "pooled"}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(5, 3.5)
     for init in dict.fromkeys(r["init"] for r in rows):
         mine = sorted((r for r in rows if r["init"] == init), key=lambda r: r["k"])
         ax.errorbar(
@@ -213,9 +208,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("fine-tuning steps k on a held-out task")
     ax.set_ylabel("query loss (nats/token)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Loss curves of a run as a PNG (matplotlib)."""
+"""PNG plots with matplotlib: a run's loss curves, and the helpers every plot in
+metapeft uses. Figures are drawn off-screen without pyplot, so plotting never
+changes the caller's matplotlib backend."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from metapeft.files import atomic_write
 from metapeft.tracking import read_metrics
@@ -12,6 +15,21 @@ CURVES = (
     ("support_loss", "support loss (before adaptation)"),
     ("query_loss", "query loss (after adaptation)"),
 )
+
+
+def new_figure(width: float, height: float) -> tuple[Any, Any]:
+    """A ``(figure, axes)`` pair of ``width`` x ``height`` inches, laid out to fit."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def save_png(figure: Any, path: str | os.PathLike[str]) -> Path:
+    """Writes ``figure`` to ``path`` as a PNG, atomically; returns the path."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    return path
 
 
 def plot_losses(
@@ -37,11 +55,8 @@ def plot_losses(
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no meta-steps logged yet")
-    from matplotlib.figure import Figure
-
     output = Path(run_dir) / "loss.png" if output is None else Path(output)
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.add_subplot()
+    figure, axes = new_figure(7, 4)
     for key, label in CURVES:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
@@ -56,5 +71,4 @@ def plot_losses(
     axes.set_title(Path(run_dir).resolve().name)
     axes.grid(alpha=0.3)
     axes.legend()
-    atomic_write(output, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    return output
+    return save_png(figure, output)

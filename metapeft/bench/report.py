@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metapeft.bench.runner import format_bytes, format_seconds, save_figure
+from metapeft.bench.runner import format_bytes, format_seconds
 from metapeft.files import atomic_write_text
 
 SWEEP_KEYS = ("tasks", "rank", "inner_steps")
@@ -249,15 +249,12 @@ def _slug(text: str) -> str:
 def plot(data: dict[str, Any], stem: Path) -> list[Path]:
     """PNG plots beside ``stem``: one per sweep (meta-steps/s and tasks/s), peak memory
     against T, and the fused speed-ups; returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from metapeft.plotting import new_figure, save_png
 
     written = []
     for sw in sweeps(data):
         xs = [v for v, _ in sw.points]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = new_figure(5, 3.5)
         steps = [1 / op["median_s"] for _, op in sw.points]
         ax.plot(xs, steps, "o-", label="meta-steps/s")
         if sw.key == "tasks":
@@ -268,24 +265,18 @@ def plot(data: dict[str, Any], stem: Path) -> list[Path]:
         ax.set_ylabel("throughput")
         ax.set_title(sw.title, fontsize=7)
         ax.legend(fontsize=7)
-        fig.tight_layout()
         path = stem.with_name(
             f"{stem.name}-{_slug(sw.label)}-{_slug(_params(sw.params))}-vs-{sw.key}.png"
         )
-        save_figure(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, path))
         if sw.key == "tasks":
-            fig, ax = plt.subplots(figsize=(5, 3.5))
+            fig, ax = new_figure(5, 3.5)
             ax.plot(xs, [op["peak_memory_bytes"] / 2**20 for _, op in sw.points], "o-")
             ax.set_xlabel("tasks per meta-batch (T)")
             ax.set_ylabel("peak memory (MiB)")
             ax.set_title(f"{sw.label}: peak memory ({_params(sw.params)})", fontsize=7)
-            fig.tight_layout()
-            path = path.with_name(path.name.replace("-vs-tasks", "-memory-vs-tasks"))
-            save_figure(fig, path)
-            plt.close(fig)
-            written.append(path)
+            memory = path.with_name(path.name.replace("-vs-tasks", "-memory-vs-tasks"))
+            written.append(save_png(fig, memory))
     comps = comparisons(data)
     if comps:
         bars = [
@@ -294,18 +285,14 @@ def plot(data: dict[str, Any], stem: Path) -> list[Path]:
             for impl, op in c.ops.items()
             if impl != "fused"
         ]
-        fig, ax = plt.subplots(figsize=(7, 0.28 * len(bars) + 1.2))
+        fig, ax = new_figure(7, 0.28 * len(bars) + 1.2)
         ax.barh(range(len(bars)), [r for _, r in bars], color="tab:green")
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=5)
         ax.set_xscale("log")
         ax.set_xlabel("speed-up of fused (other median / fused median)")
         ax.invert_yaxis()
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}-speedups.png")
-        save_figure(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, stem.with_name(f"{stem.name}-speedups.png")))
     return written
 
 

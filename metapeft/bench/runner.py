@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from metapeft import machine
-from metapeft.files import atomic_write, atomic_write_text
+from metapeft.files import atomic_write_text
 
 
 @dataclass
@@ -164,10 +164,7 @@ class BenchmarkRunner:
 
     def plot(self, path: str | Path) -> Path:
         """A PNG bar chart of every operation's median time (min to max as error bars)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from metapeft.plotting import new_figure, save_png
 
         ops = self.operations
         if not ops:
@@ -176,25 +173,16 @@ class BenchmarkRunner:
         medians = [op.median * 1e3 for op in ops]
         low = [m - min(op.seconds) * 1e3 for m, op in zip(medians, ops, strict=True)]
         high = [max(op.seconds) * 1e3 - m for m, op in zip(medians, ops, strict=True)]
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(ops)), 4.0))
+        fig, ax = new_figure(max(4.0, 1.2 * len(ops)), 4.0)
         ax.bar(range(len(ops)), medians, yerr=[low, high], capsize=3, color="tab:blue")
         ax.set_xticks(range(len(ops)), names, fontsize=7)
         ax.set_ylabel("median wall time (ms)")
         ax.set_title(f"{self.name} on {self.machine['chip']}", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        save_figure(fig, path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
 
 def _key(label: str, params: dict[str, Any]) -> tuple[str, str]:
     return label, json.dumps(params, sort_keys=True, default=str)
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure as PNG, atomically."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def format_seconds(seconds: float) -> str:
