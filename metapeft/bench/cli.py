@@ -18,11 +18,11 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> typer.Exit:
-    from rich.console import Console
+def _fail(message: str | BaseException) -> typer.Exit:
+    """The command line's one-line error (imported here: metapeft.cli imports this module)."""
+    from metapeft.cli import _fail as fail
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=1)
+    return fail(message)
 
 
 def _new_stem(folder: Path) -> Path:
