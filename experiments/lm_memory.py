@@ -26,7 +26,7 @@ import mlx.core as mx
 from common import write_results
 
 from metapeft import lm
-from metapeft.lm.random_model import save_random_model
+from metapeft.bench.problems import save_random_llama
 
 MODES = ("all tasks at once", "one task at a time", "one task at a time + checkpointing")
 
@@ -75,19 +75,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        config = save_random_model(
-            model_dir,
-            "llama",
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            intermediate_size=args.intermediate_size,
-            num_heads=args.hidden_size // 128 if args.hidden_size >= 128 else 4,
-            num_kv_heads=args.hidden_size // 256 if args.hidden_size >= 256 else 2,
-            dtype=mx.bfloat16,
+        config = save_random_llama(
+            model_dir, args.hidden_size, args.num_layers, args.intermediate_size, args.length
         )
-        text = ("abcdefgh " * args.length)[: args.length]
-        lines = [json.dumps({"task": f"t{t}", "text": text}) for t in range(4) for _ in range(8)]
-        (model_dir / "tasks.jsonl").write_text("\n".join(lines) + "\n")
         rows = []
         for mode in MODES:
             child = subprocess.run(

@@ -284,6 +284,33 @@ def meta_step(
 
 
 # ------------------------------------------------------------------ language model
+def save_random_llama(
+    folder: Any, dim: int, layers: int, intermediate_size: int | None = None, length: int = 32
+) -> dict[str, Any]:
+    """A random Llama-shaped mlx-lm model in bfloat16 (128-wide heads from d=128 on),
+    saved in ``folder`` with ``folder/tasks.jsonl``: 4 tasks of 8 texts of ``length``
+    characters. Returns the model's config."""
+    import json
+    from pathlib import Path
+
+    from metapeft.lm.random_model import save_random_model
+
+    config = save_random_model(
+        folder,
+        "llama",
+        hidden_size=dim,
+        num_layers=layers,
+        intermediate_size=intermediate_size,
+        num_heads=dim // 128 if dim >= 128 else 4,
+        num_kv_heads=dim // 256 if dim >= 256 else 2,
+        dtype=mx.bfloat16,
+    )
+    text = ("abcdefgh " * length)[:length]
+    lines = [json.dumps({"task": f"t{t}", "text": text}) for t in range(4) for _ in range(8)]
+    (Path(folder) / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+    return config
+
+
 def lm_meta_step(
     algorithm: str, impl: str, *, tasks: int, inner_steps: int, dim: int, layers: int
 ) -> Callable[[], Any]:
@@ -293,30 +320,17 @@ def lm_meta_step(
     ``fused`` adapts every task at once on metapeft's layers; ``naive`` loops over
     tasks on mlx-lm's own LoRA layers, as a user of mlx-lm would.
     """
-    import json
     import tempfile
     from pathlib import Path
 
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from metapeft import lm
-    from metapeft.lm.random_model import save_random_model
 
     spec = lm.LoRASpec(rank=8, keys=("self_attn.q_proj", "self_attn.v_proj"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        save_random_model(
-            folder,
-            "llama",
-            hidden_size=dim,
-            num_layers=layers,
-            num_heads=max(dim // 128, 4),
-            num_kv_heads=max(dim // 256, 2),
-            dtype=mx.bfloat16,
-        )
-        text = ("abcdefgh " * 4)[:32]
-        lines = [json.dumps({"task": f"t{t}", "text": text}) for t in range(4) for _ in range(8)]
-        (folder / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+        save_random_llama(folder, dim, layers)
         model, tokenizer, _ = lm.load_model(folder)
         text_tasks = lm.TextTasks.from_jsonl(folder / "tasks.jsonl", tokenizer, 2, 2)
         mx.eval(model.parameters())
