@@ -196,6 +196,7 @@ def _train(
 
     steps = config.training.num_iterations
     timer = BenchmarkRunner("train")
+    spent = 0.0  # seconds in meta-steps this session
     metrics: dict[str, float] = {}
     interrupt = StepBoundaryInterrupt()
     try:
@@ -206,7 +207,8 @@ def _train(
                 metrics = learner.meta_train_step(episodes)
             rng_state = train_tasks.rng_state()
             step = learner.step
-            metrics["steps_per_s"] = len(op.seconds) / sum(op.seconds)
+            spent += op.seconds[-1]
+            metrics["steps_per_s"] = len(op.seconds) / spent
             metrics["peak_memory_mb"] = op.peak_memory_bytes / 2**20
             if step % config.training.eval_every == 0 or step == steps:
                 result = learner.evaluate(held_out, config.training.eval_steps, metric_fn=metric_fn)
