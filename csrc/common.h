@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <optional>
 #include <stdexcept>
-#include <thread>
 #include <string>
 #include <vector>
 
@@ -21,6 +20,17 @@ namespace mx = mlx::core;
 #define METAPEFT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define METAPEFT_SIMD_CLONES
+#endif
+
+// Before an elementwise loop whose output may be one of its inputs (an in-place
+// update through buffer donation): each iteration touches only its own index,
+// so the loop may be vectorised even then, which the compiler cannot prove.
+#if defined(__clang__)
+#define METAPEFT_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define METAPEFT_IVDEP _Pragma("GCC ivdep")
+#else
+#define METAPEFT_IVDEP
 #endif
 
 // The overrides every metapeft primitive implements (MLX's Primitive interface).
@@ -157,40 +167,6 @@ mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrD
 
 // True when an array of shape `from` broadcasts to `to` without changing `to`.
 bool broadcasts_to(const mx::Shape& from, const mx::Shape& to);
-
-// Runs f(leaf, begin, end) over the elements of leaves of the given sizes,
-// split into contiguous ranges over a few threads when there is enough work.
-template <typename F>
-void for_ranges(const std::vector<int64_t>& sizes, int64_t min_per_thread, F f) {
-  int64_t total = 0;
-  for (auto n : sizes) {
-    total += n;
-  }
-  static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  int threads = static_cast<int>(std::min<int64_t>(hw, total / std::max<int64_t>(min_per_thread, 1)));
-  auto run = [&](int64_t lo, int64_t hi) {
-    int64_t base = 0;
-    for (size_t leaf = 0; leaf < sizes.size() && base < hi; base += sizes[leaf], ++leaf) {
-      int64_t b = std::max(lo, base), e = std::min(hi, base + sizes[leaf]);
-      if (b < e) {
-        f(leaf, b - base, e - base);
-      }
-    }
-  };
-  if (threads <= 1) {
-    run(0, total);
-    return;
-  }
-  int64_t chunk = (total + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    pool.emplace_back(run, t * chunk, std::min(total, (t + 1) * chunk));
-  }
-  run(0, chunk);
-  for (auto& th : pool) {
-    th.join();
-  }
-}
 
 // Directory of the loaded extension (where the metallib is installed).
 std::string binary_dir();

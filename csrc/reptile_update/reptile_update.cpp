@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "mlx/backend/cpu/encoder.h"
+#include "workers.h"
 
 namespace metapeft {
 
@@ -17,7 +18,8 @@ std::string leaf(const char* name, size_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
 }
 
-constexpr int64_t kMinPerThread = 1 << 16;
+// Elements read and written per chunk of work shared among threads.
+constexpr int64_t kChunk = 1 << 15;
 
 // Elements of a parameter handled together, so the task sum stays in cache.
 constexpr int64_t kBlock = 512;
@@ -46,6 +48,7 @@ void reptile_range(
         acc[j] += at[j];
       }
     }
+    METAPEFT_IVDEP
     for (int64_t j = 0; j < len; ++j) {
       out[j0 + j] = p[j0 + j] + eps * (acc[j] * inv_t - p[j0 + j]);
     }
@@ -142,7 +145,8 @@ void ReptileUpdate::eval_cpu(
       a[i] = dense_float(L.a, scratch[3 * i + 1]);
       out[i] = float_output(L.out, L.dtype, L.size, scratch[3 * i + 2]);
     }
-    for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
+    int64_t chunk = std::max<int64_t>(kChunk / (leaves[0].tasks + 2), kBlock);
+    for_ranges(sizes, chunk, [&](size_t i, int64_t begin, int64_t end) {
       reptile_range(p[i], a[i], leaves[i].tasks, sizes[i], eps, out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {

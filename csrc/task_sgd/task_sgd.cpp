@@ -1,6 +1,7 @@
 #include "task_sgd/task_sgd.h"
 
 #include "mlx/backend/cpu/encoder.h"
+#include "workers.h"
 
 namespace metapeft {
 
@@ -14,8 +15,8 @@ std::string leaf(const char* name, size_t i) {
   return std::string(name) + "[" + std::to_string(i) + "]";
 }
 
-// Elements per thread below which a second thread does not pay.
-constexpr int64_t kMinPerThread = 1 << 17;
+// Elements per chunk of work shared among threads.
+constexpr int64_t kChunk = 1 << 15;
 
 // out[j] = p[j] - lr[j % lr_len] * g[j] for j in [begin, end).
 METAPEFT_SIMD_CLONES
@@ -29,6 +30,7 @@ void sgd_range(
     int64_t end) {
   if (lr_len == 1) {
     float a = lr[0];
+    METAPEFT_IVDEP
     for (int64_t j = begin; j < end; ++j) {
       out[j] = p[j] - a * g[j];
     }
@@ -38,6 +40,7 @@ void sgd_range(
     int64_t k = j % lr_len;
     int64_t stop = std::min(end, j + (lr_len - k));
     const float* l = lr + k - j;
+    METAPEFT_IVDEP
     for (; j < stop; ++j) {
       out[j] = p[j] - l[j] * g[j];
     }
@@ -155,7 +158,7 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       }
       out[i] = float_output(L.out, L.dtype, L.size, scratch[4 * i + 3]);
     }
-    for_ranges(sizes, kMinPerThread, [&](size_t i, int64_t begin, int64_t end) {
+    for_ranges(sizes, kChunk, [&](size_t i, int64_t begin, int64_t end) {
       sgd_range(p[i], g[i], lr[i], lr_len[i], out[i], begin, end);
     });
     for (size_t i = 0; i < n; ++i) {
