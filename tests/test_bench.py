@@ -42,6 +42,25 @@ def test_measure_repeats_and_warms_up():
         runner.measure("count", lambda: None, repeat=0)
 
 
+def test_measure_interleaved_takes_turns():
+    calls = []
+
+    def fn(name):
+        return lambda: calls.append(name) or mx.ones(2)
+
+    runner = BenchmarkRunner("unit")
+    ops = runner.measure_interleaved(
+        "turns", {"a": fn("a"), "b": fn("b")}, repeat=3, warmup=1, number=2, n=8
+    )
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert [(o.params, len(o.seconds)) for o in ops] == [
+        ({"n": 8, "impl": "a"}, 3),
+        ({"n": 8, "impl": "b"}, 3),
+    ]
+    with pytest.raises(ValueError, match="repeat and number"):
+        runner.measure_interleaved("turns", {"a": fn("a")}, number=0)
+
+
 def test_summary_save_and_plot(tmp_path):
     runner = BenchmarkRunner("unit")
     runner.measure("a", lambda: mx.ones(8) + 1, repeat=2, impl="fused")
@@ -211,15 +230,21 @@ def test_a_failing_benchmark_is_reported_never_skipped(tmp_path, monkeypatch):
     def cases(_sizes):
         yield suite.Case("ok", {"impl": "fused"}, lambda: lambda: mx.ones(2), repeat=1)
         yield suite.Case("bad", {"impl": "fused"}, broken, repeat=1)
+        for impl, build in (("fused", lambda: lambda: mx.ones(2)), ("reference", broken)):
+            yield suite.Case("turns", {"impl": impl}, build, repeat=1, interleave=True)
 
     monkeypatch.setattr(suite, "cases", cases)
     result = cli.invoke(app, ["bench", "--quick", "--no-plots", "--output-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "1 benchmark(s) failed" in result.output
+    assert result.exit_code == 1 and "3 benchmark(s) failed" in result.output
     assert "kernel exploded" in result.output
     (js,) = (tmp_path / machine.machine_id()).glob("*.json")
     data = report.load(js)
     assert [o["label"] for o in data["operations"]] == ["ok"]
-    assert data["failures"][0]["label"] == "bad"
+    assert [(f["label"], f["params"]["impl"]) for f in data["failures"]] == [
+        ("bad", "fused"),
+        ("turns", "fused"),
+        ("turns", "reference"),
+    ]
     assert "## Failed" in js.with_suffix(".md").read_text()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -114,18 +114,48 @@ class BenchmarkRunner:
         then at least ``repeat`` samples, and more until ``min_time`` seconds have been
         spent. A sample is the mean of ``number`` back-to-back calls, which keeps the
         runner's own synchronisation out of the time of a microsecond-scale ``fn``."""
-        if repeat < 1 or number < 1:
-            raise ValueError(f"repeat and number must be at least 1, got {repeat} and {number}")
+        _check_counts(repeat, number)
         for _ in range(warmup):
             mx.eval(fn())
         spent, n = 0.0, 0
         while n < repeat or spent < min_time:
-            with self.time_operation(label, **params) as op:
-                for _ in range(number):
-                    mx.eval(fn())
-            spent += op.seconds[-1]
-            op.seconds[-1] /= number
+            op = self._sample(label, fn, number, params)
+            spent += op.seconds[-1] * number
             n += 1
+        return op
+
+    def measure_interleaved(
+        self,
+        label: str,
+        fns: Mapping[str, Callable[[], Any]],
+        *,
+        key: str = "impl",
+        repeat: int = 10,
+        warmup: int = 1,
+        number: int = 1,
+        **params: Any,
+    ) -> list[Operation]:
+        """Time several implementations of ``label`` in turns, one sample of each per
+        round, each recorded under ``key=<its name>``. A machine that slows down or
+        speeds up during the run then weighs on all of them alike, which keeps their
+        ratios fair. Samples are as in :meth:`measure`."""
+        _check_counts(repeat, number)
+        for fn in fns.values():
+            for _ in range(warmup):
+                mx.eval(fn())
+        ops: dict[str, Operation] = {}
+        for _ in range(repeat):
+            for name, fn in fns.items():
+                ops[name] = self._sample(label, fn, number, {**params, key: name})
+        return list(ops.values())
+
+    def _sample(
+        self, label: str, fn: Callable[[], Any], number: int, params: dict[str, Any]
+    ) -> Operation:
+        with self.time_operation(label, **params) as op:
+            for _ in range(number):
+                mx.eval(fn())
+        op.seconds[-1] /= number
         return op
 
     def summary(self) -> str:
@@ -183,6 +213,11 @@ class BenchmarkRunner:
 
 def _key(label: str, params: dict[str, Any]) -> tuple[str, str]:
     return label, json.dumps(params, sort_keys=True, default=str)
+
+
+def _check_counts(repeat: int, number: int) -> None:
+    if repeat < 1 or number < 1:
+        raise ValueError(f"repeat and number must be at least 1, got {repeat} and {number}")
 
 
 def format_seconds(seconds: float) -> str:

@@ -40,6 +40,8 @@ class Case:
     min_time: float = 0.0
     warmup: int = 1
     number: int = 1  # calls per timed sample (for microsecond-scale operations)
+    # Timed in turns with the other interleaved cases of its label (params {"impl": ...}).
+    interleave: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
                     repeat=s.fast_repeat,
                     warmup=10,
                     number=s.fast_number,
+                    interleave=True,
                 )
 
     sin_t = 25 if 25 in s.sinusoid_tasks else s.sinusoid_tasks[-1]
@@ -254,26 +257,35 @@ def run(sizes: Sizes, runner: BenchmarkRunner, progress: Any = None) -> list[dic
     unique = {(c.label, repr(sorted(c.params.items()))): c for c in todo}
     bar = progress.add_task("benchmarks", total=len(unique)) if progress else None
     failures = []
-    for case in unique.values():
+    groups: dict[Any, list[Case]] = {}
+    for key, case in unique.items():
+        groups.setdefault(case.label if case.interleave else key, []).append(case)
+    for group in groups.values():
+        case = group[0]
         if progress:
-            params = ", ".join(f"{k}={v}" for k, v in case.params.items())
+            params = ", ".join(f"{k}={v}" for c in group for k, v in c.params.items())
             progress.update(bar, description=f"{case.label} [{params}]")
         try:
-            fn = case.build()
-            runner.measure(
-                case.label,
-                fn,
-                repeat=case.repeat,
-                warmup=case.warmup,
-                min_time=case.min_time,
-                number=case.number,
-                **case.params,
-            )
+            if case.interleave:
+                fns = {c.params["impl"]: c.build() for c in group}
+                runner.measure_interleaved(
+                    case.label, fns, repeat=case.repeat, warmup=case.warmup, number=case.number
+                )
+            else:
+                runner.measure(
+                    case.label,
+                    case.build(),
+                    repeat=case.repeat,
+                    warmup=case.warmup,
+                    min_time=case.min_time,
+                    number=case.number,
+                    **case.params,
+                )
         except Exception as e:  # noqa: BLE001 - reported as a failed benchmark
-            failures.append({"label": case.label, "params": case.params, "error": repr(e)})
-        fn = None
+            failures += [{"label": c.label, "params": c.params, "error": repr(e)} for c in group]
+        fns = None
         gc.collect()
         mx.clear_cache()
         if progress:
-            progress.advance(bar)
+            progress.advance(bar, len(group))
     return failures
