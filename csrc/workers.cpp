@@ -2,6 +2,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,6 +25,10 @@ int cpu_threads() {
 }
 
 namespace {
+
+// Workers beyond the caller: the kernels that share their work are bound by
+// memory bandwidth, which a few threads already use up.
+constexpr int kMaxWorkers = 7;
 
 // How long a thread spins before it sleeps. Jobs come in runs, and waking a
 // sleeping thread (let alone an idle virtual CPU) takes tens of microseconds.
@@ -61,7 +66,7 @@ bool spin_until(F done) {
 class WorkerPool {
  public:
   WorkerPool() {
-    for (int w = 1; w < cpu_threads(); ++w) {
+    for (int w = 0; w < std::min(cpu_threads() - 1, kMaxWorkers); ++w) {
       std::thread([this] { work(); }).detach();
     }
   }

@@ -11,10 +11,11 @@ namespace metapeft {
 // The CPUs this process may run on.
 int cpu_threads();
 
-// Calls f(0), ..., f(chunks - 1) on the calling thread and on whichever of
-// cpu_threads() - 1 long-lived workers join in, and returns when all are done;
-// all of them run on the caller when another caller has the workers. f must
-// not throw. Like MLX's own stream threads, the workers do not survive fork().
+// Calls f(0), ..., f(chunks - 1) on the calling thread and on whichever
+// long-lived workers join in (up to 7, and fewer than cpu_threads()), and
+// returns when all are done; all run on the caller when another caller has
+// the workers. f must not throw. Like MLX's own stream threads, the workers do
+// not survive fork().
 void run_chunks(int chunks, const std::function<void(int)>& f);
 
 // Runs f(leaf, begin, end) over the elements of leaves of the given sizes (as

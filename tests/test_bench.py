@@ -139,7 +139,9 @@ def test_index_keeps_hand_written_text_and_lists_newest_runs(tmp_path):
     (tmp_path / "README.md").write_text("# Results\n\nhand-written notes\n")
     for name, day, median in (
         ("m1", "2026-01-01", 2.0),
-        ("m1", "2026-02-01", 1.0),
+        ("m1", "2026-02-01", 1.5),
+        ("m1", "2026-02-01-2", 5.0),
+        ("m1", "2026-02-01-10", 1.0),
         ("m2", "2026-01-05", 3.0),
     ):
         folder = tmp_path / name
@@ -151,7 +153,7 @@ def test_index_keeps_hand_written_text_and_lists_newest_runs(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("# Results\n\nhand-written notes\n")
     assert text.count(report.INDEX_START) == 1
-    assert "m1/2026-02-01.md" in text and "m1/2026-01-01.md" not in text
+    assert "m1/2026-02-01-10.md" in text and "m1/2026-02-01-2.md" not in text
     assert "reference 4.00x" in text and "reference 1.33x" in text
 
 

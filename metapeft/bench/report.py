@@ -328,13 +328,20 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A",
 
 
 # ----------------------------------------------------------------------- index
+_RUN = re.compile(r"(\d{4}-\d{2}-\d{2})(?:-(\d+))?")
+
+
 def latest_runs(results: Path) -> dict[str, Path]:
-    """The newest suite result (``<date>*.json``) of each machine folder."""
+    """The newest suite result of each machine folder: ``<date>.json``, then
+    ``<date>-2.json``, ``<date>-3.json``... for later runs of the same day."""
     out = {}
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
-        runs = sorted(folder.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*.json"))
+        runs = {}
+        for path in folder.glob("*.json"):
+            if m := _RUN.fullmatch(path.stem):
+                runs[(m[1], int(m[2] or 1))] = path
         if runs:
-            out[folder.name] = runs[-1]
+            out[folder.name] = runs[max(runs)]
     return out
 
 
