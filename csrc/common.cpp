@@ -18,11 +18,15 @@ std::string shape_str(const mx::Shape& shape) {
   return os.str();
 }
 
-void check_float(const mx::array& a, const std::string& op, const std::string& name) {
+std::string leaf_name(const char* name, size_t index) {
+  return std::string(name) + "[" + std::to_string(index) + "]";
+}
+
+void check_float(const mx::array& a, const char* op, const char* name, int index) {
   auto d = a.dtype();
   if (d != mx::float32 && d != mx::float16 && d != mx::bfloat16) {
     std::ostringstream os;
-    os << "[metapeft." << op << "] " << name
+    os << "[metapeft." << op << "] " << (index < 0 ? std::string(name) : leaf_name(name, index))
        << " must be float32, float16 or bfloat16, got " << d;
     throw DtypeError(os.str());
   }
@@ -95,6 +99,13 @@ int64_t prod(const mx::Shape& shape, int begin, int end) {
 
 Operand operand(const mx::array& a) {
   return {a.data<void>(), a.dtype(), a.shape(), a.strides(), a.flags().row_contiguous};
+}
+
+Operand elementwise_operand(const mx::array& a) {
+  if (a.dtype() == mx::float32 && a.flags().row_contiguous) {
+    return {a.data<void>(), a.dtype(), {}, {}, true};
+  }
+  return operand(a);
 }
 
 namespace {

@@ -61,8 +61,12 @@ struct DtypeError : std::invalid_argument {
 
 std::string shape_str(const mx::Shape& shape);
 
-// Throws DtypeError unless `a` is float32, float16 or bfloat16.
-void check_float(const mx::array& a, const std::string& op, const std::string& name);
+// "name[index]": how errors name leaf `index` of a tree argument.
+std::string leaf_name(const char* name, size_t index);
+
+// Throws DtypeError unless `a` is float32, float16 or bfloat16. With an
+// `index`, `a` is that leaf of the tree argument `name`.
+void check_float(const mx::array& a, const char* op, const char* name, int index = -1);
 
 // The dtype of the result of combining `arrays` (all floating).
 mx::Dtype result_dtype(const std::vector<mx::array>& arrays);
@@ -100,6 +104,10 @@ struct Operand {
   bool row_contiguous;
 };
 Operand operand(const mx::array& a);
+
+// operand() of an input read through dense_float() alone: a float32
+// row-contiguous array, read in place, keeps no shape or strides.
+Operand elementwise_operand(const mx::array& a);
 
 // Writes `src` (any strides, any supported dtype) densely as float32 into `dst`,
 // reading it with the given (possibly broadcast) shape and strides.

@@ -161,6 +161,15 @@ def test_noncontiguous(lr_kind, layout, which):
         check_values(make_case(rng, 3, [(4, 5), (2, 3, 2), (6,)], dtype, lr_kind, lay))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("lr_kind", ["full", "shared", "per_task"])
+def test_size_one_axes(lr_kind, layout):
+    """Axes of size 1 between others: the kernel reads a shared lr in place past them."""
+    rng = np.random.default_rng(4)
+    shapes = [(3, 1, 4), (1, 5), (2, 1, 1, 3), (4, 1)]
+    check_values(make_case(rng, 3, shapes, mx.float32, lr_kind, ("contiguous",) * 2 + (layout,)))
+
+
 def test_tree_structure_is_kept():
     """dicts, lists, tuples and nesting come back as they went in."""
     rng = np.random.default_rng(2)

@@ -26,7 +26,7 @@ mx::array lora_linear(
     float scale,
     const std::optional<mx::array>& bias,
     mx::StreamOrDevice s) {
-  const std::string op = "lora_linear";
+  const char* op = "lora_linear";
   check_float(x, op, "x");
   check_float(weight, op, "weight");
   check_float(lora_a, op, "lora_a");

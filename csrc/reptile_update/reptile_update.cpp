@@ -14,10 +14,6 @@ namespace {
   throw std::invalid_argument("[metapeft.reptile_update] " + msg);
 }
 
-std::string leaf(const char* name, size_t i) {
-  return std::string(name) + "[" + std::to_string(i) + "]";
-}
-
 // Elements read and written per chunk of work shared among threads.
 constexpr int64_t kChunk = 1 << 15;
 
@@ -83,10 +79,12 @@ std::vector<mx::array> reptile_update(
   }
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
+  shapes.reserve(n);
+  dtypes.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     auto &p = params[i], &a = adapted[i];
-    check_float(p, "reptile_update", leaf("params", i));
-    check_float(a, "reptile_update", leaf("adapted", i));
+    check_float(p, "reptile_update", "params", i);
+    check_float(a, "reptile_update", "adapted", i);
     bool ok = a.ndim() == p.ndim() + 1;
     for (size_t ax = 0; ok && ax < p.ndim(); ++ax) {
       ok = a.shape(ax + 1) == p.shape(ax);
@@ -94,8 +92,8 @@ std::vector<mx::array> reptile_update(
     if (!ok) {
       auto expected = p.shape();
       expected.insert(expected.begin(), a.ndim() ? a.shape(0) : 0);
-      fail(leaf("adapted", i) + " must have shape (T, *" + leaf("params", i) + ".shape) = " +
-           "(T, " + shape_str(p.shape()).substr(1) + ", got " + shape_str(a.shape()));
+      fail(leaf_name("adapted", i) + " must have shape (T, *" + leaf_name("params", i) +
+           ".shape) = (T, " + shape_str(p.shape()).substr(1) + ", got " + shape_str(a.shape()));
     }
     shapes.push_back(p.shape());
     dtypes.push_back(mx::promote_types(p.dtype(), a.dtype()));
@@ -120,6 +118,7 @@ void ReptileUpdate::eval_cpu(
     int64_t tasks;
   };
   std::vector<Leaf> leaves;
+  leaves.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     auto &p = inputs[i], &a = inputs[n + i];
     auto& out = outputs[i];
@@ -127,8 +126,8 @@ void ReptileUpdate::eval_cpu(
     encoder.set_input_array(p);
     encoder.set_input_array(a);
     encoder.set_output_array(out);
-    leaves.push_back({operand(p), operand(a), out.data<void>(), out.dtype(),
-                      static_cast<int64_t>(p.size()), a.shape(0)});
+    leaves.push_back({elementwise_operand(p), elementwise_operand(a), out.data<void>(),
+                      out.dtype(), static_cast<int64_t>(p.size()), a.shape(0)});
   }
   encoder.set_input_array(inputs.back());
   encoder.dispatch([leaves = std::move(leaves), eps_op = operand(inputs.back())]() {

@@ -11,10 +11,6 @@ namespace {
   throw std::invalid_argument("[metapeft.task_sgd] " + msg);
 }
 
-std::string leaf(const char* name, size_t i) {
-  return std::string(name) + "[" + std::to_string(i) + "]";
-}
-
 // Elements per chunk of work shared among threads.
 constexpr int64_t kChunk = 1 << 15;
 
@@ -47,6 +43,52 @@ void sgd_range(
   }
 }
 
+// The stride of `lr`, broadcast against `p`, along axis `ax` of `p`: 0 along
+// the axes it repeats on.
+int64_t broadcast_stride(const mx::array& lr, const mx::array& p, int ax) {
+  int extra = p.ndim() - lr.ndim();
+  return ax < extra || lr.shape(ax - extra) == 1 ? 0 : lr.strides()[ax - extra];
+}
+
+mx::Strides broadcast_strides(const mx::array& lr, const mx::array& p) {
+  mx::Strides strides(p.ndim());
+  for (int ax = 0; ax < static_cast<int>(p.ndim()); ++ax) {
+    strides[ax] = broadcast_stride(lr, p, ax);
+  }
+  return strides;
+}
+
+// The period with which float32 `lr`, broadcast against `p`, repeats over the
+// flat parameter when it can be read in place that way (the axes it varies
+// along trail those it repeats along, and are laid out row-major), else 0.
+int64_t lr_period(const mx::array& lr, const mx::array& p) {
+  if (lr.dtype() != mx::float32) {
+    return 0;
+  }
+  auto stride = [&](int ax) { return broadcast_stride(lr, p, ax); };
+  // Axes of size 1 do not change the flat layout.
+  int64_t period = 1;
+  int ax = p.ndim() - 1;
+  for (; ax >= 0; --ax) {
+    if (p.shape(ax) == 1) {
+      continue;
+    }
+    if (stride(ax) == 0) {
+      break;
+    }
+    if (stride(ax) != period) {
+      return 0;
+    }
+    period *= p.shape(ax);
+  }
+  for (; ax >= 0; --ax) {
+    if (p.shape(ax) != 1 && stride(ax) != 0) {
+      return 0;
+    }
+  }
+  return period;
+}
+
 } // namespace
 
 std::vector<mx::array> task_sgd(
@@ -65,18 +107,20 @@ std::vector<mx::array> task_sgd(
   }
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
+  shapes.reserve(n);
+  dtypes.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     auto &p = params[i], &g = grads[i], &lr = lrs[i];
-    check_float(p, "task_sgd", leaf("params", i));
-    check_float(g, "task_sgd", leaf("grads", i));
-    check_float(lr, "task_sgd", leaf("lr", i));
+    check_float(p, "task_sgd", "params", i);
+    check_float(g, "task_sgd", "grads", i);
+    check_float(lr, "task_sgd", "lr", i);
     if (g.shape() != p.shape()) {
-      fail(leaf("grads", i) + " has shape " + shape_str(g.shape()) + " but " +
-           leaf("params", i) + " has shape " + shape_str(p.shape()));
+      fail(leaf_name("grads", i) + " has shape " + shape_str(g.shape()) + " but " +
+           leaf_name("params", i) + " has shape " + shape_str(p.shape()));
     }
     if (!broadcasts_to(lr.shape(), p.shape())) {
-      fail(leaf("lr", i) + " of shape " + shape_str(lr.shape()) +
-           " does not broadcast against " + leaf("params", i) + " of shape " +
+      fail(leaf_name("lr", i) + " of shape " + shape_str(lr.shape()) +
+           " does not broadcast against " + leaf_name("params", i) + " of shape " +
            shape_str(p.shape()));
     }
     shapes.push_back(p.shape());
@@ -93,12 +137,16 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
   size_t n = outputs.size();
   auto& encoder = mx::cpu::get_command_encoder(stream());
   struct Leaf {
-    Operand p, g, lr;
+    Operand p, g;
+    const float* lr;
+    int64_t lr_period;
+    std::optional<Operand> lr_full; // to gather lr from, when lr_period is 0
     void* out;
     mx::Dtype dtype;
     int64_t size;
   };
   std::vector<Leaf> leaves;
+  leaves.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     auto &p = inputs[i], &g = inputs[n + i], &lr = inputs[2 * n + i];
     auto& out = outputs[i];
@@ -107,17 +155,15 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     encoder.set_input_array(g);
     encoder.set_input_array(lr);
     encoder.set_output_array(out);
-    // lr broadcast to the parameter's shape (strides 0 where it repeats).
-    Operand lr_full = operand(lr);
-    lr_full.shape = p.shape();
-    lr_full.strides = mx::Strides(p.ndim(), 0);
-    int extra = p.ndim() - lr.ndim();
-    for (size_t ax = 0; ax < lr.ndim(); ++ax) {
-      lr_full.strides[ax + extra] = lr.shape(ax) == 1 ? 0 : lr.strides()[ax];
+    Leaf leaf{elementwise_operand(p), elementwise_operand(g), nullptr, lr_period(lr, p),
+              {}, out.data<void>(), out.dtype(), static_cast<int64_t>(p.size())};
+    if (leaf.lr_period > 0) {
+      leaf.lr = lr.data<float>();
+    } else {
+      leaf.lr_full =
+          Operand{lr.data<void>(), lr.dtype(), p.shape(), broadcast_strides(lr, p), false};
     }
-    lr_full.row_contiguous = false;
-    leaves.push_back({operand(p), operand(g), lr_full, out.data<void>(), out.dtype(),
-                      static_cast<int64_t>(p.size())});
+    leaves.push_back(std::move(leaf));
   }
   encoder.dispatch([leaves = std::move(leaves)]() {
     size_t n = leaves.size();
@@ -130,29 +176,13 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       sizes[i] = L.size;
       p[i] = dense_float(L.p, scratch[4 * i]);
       g[i] = dense_float(L.g, scratch[4 * i + 1]);
-      // A learning rate that repeats with period lr_len over the flat parameter.
-      int64_t period = 1;
-      bool periodic = L.lr.dtype == mx::float32;
-      int nd = L.lr.shape.size();
-      int64_t expect = 1;
-      for (int ax = nd - 1; ax >= 0 && periodic; --ax) {
-        if (L.lr.strides[ax] == 0) {
-          // Broadcast axes must all lie in front of the repeating block.
-          for (int j = ax; j >= 0; --j) {
-            periodic &= L.lr.strides[j] == 0 || L.lr.shape[j] == 1;
-          }
-          break;
-        }
-        periodic &= L.lr.shape[ax] == 1 || L.lr.strides[ax] == expect;
-        period *= L.lr.shape[ax];
-        expect *= L.lr.shape[ax];
-      }
-      if (periodic) {
-        lr[i] = static_cast<const float*>(L.lr.ptr);
-        lr_len[i] = period;
+      if (L.lr_period > 0) {
+        lr[i] = L.lr;
+        lr_len[i] = L.lr_period;
       } else {
         scratch[4 * i + 2].resize(L.size);
-        gather_float(L.lr.ptr, L.lr.dtype, L.lr.shape, L.lr.strides, scratch[4 * i + 2].data());
+        auto& full = *L.lr_full;
+        gather_float(full.ptr, full.dtype, full.shape, full.strides, scratch[4 * i + 2].data());
         lr[i] = scratch[4 * i + 2].data();
         lr_len[i] = L.size;
       }
