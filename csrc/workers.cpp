@@ -26,8 +26,8 @@ int cpu_threads() {
 
 namespace {
 
-// Workers beyond the caller: the kernels that share their work are bound by
-// memory bandwidth, which a few threads already use up.
+// Workers beyond the caller: the elementwise kernels that share their work are
+// bound by memory bandwidth, which a few threads already use up.
 constexpr int kMaxWorkers = 7;
 
 // How long a thread spins before it sleeps. Jobs come in runs, and waking a

@@ -1,4 +1,5 @@
-// The threads the elementwise kernels share their work with.
+// The threads the kernels share their work with: the elementwise updates, and
+// per-task products too small for OpenBLAS's own threads.
 #pragma once
 
 #include <algorithm>

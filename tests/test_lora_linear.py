@@ -174,6 +174,10 @@ LARGE = [
     pytest.param(
         "per_task_shared_w", LayerShape(True, 8, (64,), 512, 256, r=8), id="per_task_shared_w"
     ),
+    # Per-task low-rank products big enough in all to be shared among worker threads.
+    pytest.param(
+        "per_task_shared_w", LayerShape(True, 16, (64,), 512, 512, r=16), id="shared_w-T16"
+    ),
 ]
 
 

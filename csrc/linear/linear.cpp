@@ -5,6 +5,7 @@
 
 #include "blas.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "workers.h"
 
 namespace metapeft {
 
@@ -65,6 +66,24 @@ mx::array linear(
 
 namespace {
 
+// Below this many multiply-adds in all, per-task products stay on one thread:
+// waking a worker costs tens of microseconds.
+constexpr double kTaskParallelMacs = 1 << 22;
+
+// Calls f(0), ..., f(B - 1), one product of `macs` multiply-adds per task.
+// Products too small for OpenBLAS's own threads run one per thread, shared
+// among the workers, when together they are worth waking them for.
+template <typename F>
+void for_tasks(int64_t B, double macs, F f) {
+  if (B > 1 && B <= 0xffff && macs < blas::kParallelMacs && B * macs >= kTaskParallelMacs) {
+    run_chunks(static_cast<int>(B), [&](int t) { f(t); });
+    return;
+  }
+  for (int64_t t = 0; t < B; ++t) {
+    f(t);
+  }
+}
+
 // out (B, M, N) = x (B, M, K) @ w^T + bias, all float32. A batch stride of 0
 // shares an operand across the batch; `bias` is (B, N) with stride `bias_stride`
 // (0: one bias for all), or null.
@@ -103,10 +122,10 @@ void affine(
     blas::sgemm(false, !w.trans, B * M, N, K, 1.0f, x.data, x.ld, w.data, w.ld, beta, out, N);
     return;
   }
-  for (int64_t b = 0; b < B; ++b) {
+  for_tasks(B, static_cast<double>(M) * N * K, [&](int64_t b) {
     blas::sgemm(
         x.trans, !w.trans, M, N, K, 1.0f, x.at(b), x.ld, w.at(b), w.ld, beta, out + b * M * N, N);
-  }
+  });
 }
 
 } // namespace
@@ -174,10 +193,10 @@ void eval_affine_cpu(
       std::vector<float> h(B * M * R);
       Mat at = {am.data, am.batch_stride, am.ld, !am.trans};
       affine(xm, at, nullptr, 0, B, M, R, K, h.data());
-      for (int64_t t = 0; t < B; ++t) {
+      for_tasks(B, static_cast<double>(M) * N * R, [&](int64_t t) {
         blas::sgemm(false, bm.trans, M, N, R, scale, h.data() + t * M * R, R, bm.at(t), bm.ld,
                     1.0f, dst + t * M * N, N);
-      }
+      });
     }
     store_float_output(so, out_ptr, out_dtype);
   });
