@@ -2,7 +2,8 @@
 
 numpy and metapeft each load an OpenBLAS; two thread pools whose idle workers
 spin slow each other down about 2x, so idle workers give up their core quickly.
-This must be set before either library is imported.
+metapeft sets the same default when imported (see ``metapeft/__init__.py``); it
+is set here too because a test module may import numpy before metapeft.
 """
 
 import os

@@ -7,12 +7,22 @@ distributions in :mod:`metapeft.tasks` and the meta-learners in
 re-exported here.
 """
 
-import mlx.core  # noqa: F401  (loads libmlx before the extension)
+import os
 
-from metapeft import nn, ops, reference
-from metapeft.config import ConfigError, MetaLearningConfig
-from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
-from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs
+# OpenBLAS's idle threads spin for about 0.1 s after each product by default.
+# The kernels' OpenBLAS and numpy's each keep such a pool, and MLX runs its own
+# threads beside them, so spinning workers take cores the others need (a product
+# after one of the other library's ran 2.7x slower here). Idle workers sleep at
+# once instead; waking them costs microseconds against products of milliseconds.
+# Read when each OpenBLAS loads: numpy's, if imported before metapeft, keeps its own.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import mlx.core  # noqa: E402, F401  (loads libmlx before the extension)
+
+from metapeft import nn, ops, reference  # noqa: E402
+from metapeft.config import ConfigError, MetaLearningConfig  # noqa: E402
+from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile  # noqa: E402
+from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs  # noqa: E402
 
 __version__ = "0.1.0"
 

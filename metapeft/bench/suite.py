@@ -174,6 +174,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             {"impl": impl},
             lambda impl=impl: _linear(impl, d),
             repeat=s.slow_repeat if impl == "reference" else 20,
+            interleave=impl != "reference",
         )
     t, n, dim, r = s.lora_op
     for impl in ("fused", "numpy", "reference"):
@@ -182,6 +183,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             {"impl": impl},
             lambda impl=impl: _lora_fwd_bwd(impl, s.lora_op),
             repeat=s.slow_repeat if impl == "reference" else 20,
+            interleave=impl != "reference",
         )
     trees = {"sinusoid": 25, "lora": 16}
     for op in ("task_sgd", "reptile_update"):
