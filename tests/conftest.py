@@ -44,11 +44,27 @@ settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.getenv("HYPOTHESIS_PROFILE", "default"))
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001
-    """Stamp pytest-benchmark results with the machine (chip, MLX backend, BLAS, commit)."""
+def pytest_configure(config):
+    """When benchmarks are timed, time them under ``metapeft bench``'s conditions."""
+    timed = not config.getoption("benchmark_disable", True) and (
+        config.getoption("benchmark_only") or not config.getoption("benchmark_skip")
+    )
+    if timed:
+        from metapeft.bench.runner import prepare_process
+
+        config.stash[BENCHMARK_CONDITIONS] = prepare_process()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Stamp pytest-benchmark results with the machine (chip, MLX backend, BLAS, commit)
+    and the conditions they ran under."""
     from metapeft import machine
 
     machine_info["metapeft_machine"] = machine.info()
+    machine_info["metapeft_conditions"] = config.stash.get(BENCHMARK_CONDITIONS, {})
+
+
+BENCHMARK_CONDITIONS = pytest.StashKey[dict]()
 
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]

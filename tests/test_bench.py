@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from metapeft import BenchmarkRunner, machine
-from metapeft.bench import report, suite
+from metapeft import BenchmarkRunner, machine, reference
+from metapeft.bench import peers, problems, report, suite
+from metapeft.bench.runner import prepare_process
 from metapeft.cli import app
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -61,19 +63,71 @@ def test_measure_interleaved_takes_turns():
         runner.measure_interleaved("turns", {"a": fn("a")}, number=0)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_prepare_process_keeps_freed_memory_and_names_its_conditions():
+    conditions = prepare_process()
+    assert conditions["malloc"] == "freed memory kept"
+    assert conditions["OPENBLAS_THREAD_TIMEOUT"] == os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    assert conditions["torch"] == (peers.torch_version() or "not installed (no peer figures)")
+    data = {**_data(), "conditions": conditions}
+    assert "conditions: malloc freed memory kept, OPENBLAS_THREAD_TIMEOUT" in report.stamp(data)
+
+
 def test_summary_save_and_plot(tmp_path):
     runner = BenchmarkRunner("unit")
+    runner.conditions = {"malloc": "system default"}
     runner.measure("a", lambda: mx.ones(8) + 1, repeat=2, impl="fused")
     runner.measure("a", lambda: mx.ones(8) + 1, repeat=2, impl="reference")
     table = runner.summary()
     assert "impl=fused" in table and "impl=reference" in table
     data = json.loads(runner.save(tmp_path / "r.json").read_text())
     assert data["name"] == "unit" and data["machine"]["mlx"] == mx.__version__
+    assert data["conditions"] == {"malloc": "system default"}
     assert [o["params"]["impl"] for o in data["operations"]] == ["fused", "reference"]
     assert all(o["samples"] == 2 and o["median_s"] > 0 for o in data["operations"])
     assert runner.plot(tmp_path / "r.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="nothing to plot"):
         BenchmarkRunner("empty").plot(tmp_path / "e.png")
+
+
+# ----------------------------------------------------------------------- peers
+def test_torch_is_timed_in_turns_beside_the_fused_paths_when_installed(monkeypatch):
+    def impls(version):
+        monkeypatch.setattr(peers, "torch_version", lambda: version)
+        found = {}
+        for c in suite.cases(suite.TINY):
+            if c.interleave:
+                found.setdefault(c.label.split()[0], set()).add(c.params["impl"])
+        return found
+
+    assert not any("torch" in i for group in impls(None).values() for i in group)
+    with_torch = impls("2.13.0")
+    assert {"torch", "torch compiled"} <= with_torch["lora_linear"]
+    assert all("torch" in with_torch[op] for op in ("linear", "task_sgd", "reptile_update"))
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_torch_twins_compute_the_same_maths(compiled):
+    pytest.importorskip("torch")
+    x, w = problems.linear_problem(6, 5)
+    close = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(peers.linear(x, w)().numpy(), reference.linear(x, w), **close)
+    p = problems.lora_problem(2, 3, 8, 2)
+    value, grads = peers.lora_forward_backward(p, compiled=compiled)()
+    expected = problems.lora_forward_backward("reference", p)()
+    np.testing.assert_allclose(value.item(), expected[0].item(), **close)
+    for got, want in zip(grads, expected[1], strict=True):
+        np.testing.assert_allclose(got.numpy(), want, **close)
+
+
+def test_torch_updates_are_the_same_maths_in_place():
+    pytest.importorskip("torch")
+    p = problems.update_problem(3, "sinusoid")
+    sgd = reference.task_sgd(p["params"], p["grads"], 0.01)
+    reptile = reference.reptile_update(p["meta"], p["params"], 0.1)
+    for step, want in ((peers.task_sgd(p), sgd), (peers.reptile_update(p), reptile)):
+        for got, expected in zip(step(), want.values(), strict=True):
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- report

@@ -53,7 +53,7 @@ def run(
 
     from metapeft import machine
     from metapeft.bench import report, suite
-    from metapeft.bench.runner import BenchmarkRunner
+    from metapeft.bench.runner import BenchmarkRunner, prepare_process
     from metapeft.files import atomic_write_text
 
     folder = output_dir / machine.machine_id()
@@ -66,6 +66,7 @@ def run(
         raise _fail(f"cannot write to {folder}: {e.strerror or e}") from None
     console = Console()
     runner = BenchmarkRunner("metapeft bench" + (" --quick" if quick else ""))
+    runner.conditions = prepare_process()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -162,12 +162,15 @@ def physical_memory() -> int:
 def stamp(data: dict[str, Any]) -> str:
     """One line naming the machine and the run."""
     m = data["machine"]
-    return (
+    line = (
         f"Machine: {m.get('chip')}, {m.get('cores')} cores, {m.get('os')} {m.get('arch')}, "
         f"Python {m.get('python')}, MLX {m.get('mlx')} ({m.get('backend')}), "
         f"BLAS {m.get('blas')}, metapeft {m.get('metapeft')} ({m.get('commit')}); "
         f"run {data.get('started')}"
     )
+    if data.get("conditions"):
+        line += "; conditions: " + ", ".join(f"{k} {v}" for k, v in data["conditions"].items())
+    return line
 
 
 def _params(params: dict[str, Any]) -> str:
@@ -398,9 +401,10 @@ def update_index(results: Path) -> Path:
 # ------------------------------------------------------- pytest-benchmark files
 def pytest_markdown(data: dict[str, Any]) -> str:
     """A ``pytest --benchmark-json`` file as a table of ratios within each group."""
-    m = data.get("machine_info", {}).get("metapeft_machine") or {}
+    info = data.get("machine_info", {})
+    m, conditions = info.get("metapeft_machine") or {}, info.get("metapeft_conditions")
     lines = [
-        stamp({"machine": m, "started": data.get("datetime")}),
+        stamp({"machine": m, "started": data.get("datetime"), "conditions": conditions}),
         "",
         "| group | implementation | median | speed-up of fused | peak memory |",
         "|---|---|---:|---:|---:|",

@@ -7,7 +7,9 @@ the benchmark suites and the training loop's meta-steps/s all go through it.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,6 +55,36 @@ class Operation:
         }
 
 
+def hold_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc gives large freed blocks straight back, so numpy's and torch's
+    multi-megabyte temporaries are faulted in afresh on every call: about 6,000 page
+    faults, a third of the time, in numpy's ``lora_linear`` forward and backward
+    here. MLX keeps a buffer cache of its own. Returns whether it took effect (not
+    without glibc, e.g. on macOS).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    # M_MMAP_THRESHOLD (-3): blocks up to 32 MiB, glibc's largest, come from the heap;
+    # M_TRIM_THRESHOLD (-1): the heap's free top is never given back.
+    return bool(mallopt(-3, 32 << 20)) and bool(mallopt(-1, 2**31 - 1))
+
+
+def prepare_process() -> dict[str, str]:
+    """Put this process in the conditions every benchmark runs under; return them, to
+    be recorded with the results. Call it before timing anything."""
+    from metapeft.bench import peers
+
+    torch = peers.torch_version()
+    return {
+        "malloc": "freed memory kept" if hold_freed_memory() else "system default",
+        "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset"),
+        "torch": torch or "not installed (no peer figures)",
+    }
+
+
 class BenchmarkRunner:
     """Times labelled operations and keeps their wall time and peak memory.
 
@@ -74,6 +106,7 @@ class BenchmarkRunner:
         self.name = name
         self.machine = machine.info()
         self.started = datetime.now(UTC).isoformat(timespec="seconds")
+        self.conditions: dict[str, str] = {}  # see prepare_process()
         self._operations: dict[tuple[str, str], Operation] = {}
 
     @property
@@ -183,6 +216,7 @@ class BenchmarkRunner:
             "name": self.name,
             "started": self.started,
             "machine": self.machine,
+            "conditions": self.conditions,
             "operations": [op.to_dict() for op in self.operations],
         }
 

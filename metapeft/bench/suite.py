@@ -3,7 +3,8 @@
 Four parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
 
 - comparisons: each fused primitive and learner beside its pure-MLX reference,
-  numpy twin, plain-MLX ``vmap`` + ``compile`` version or naive per-task loop;
+  numpy twin, PyTorch twin (when torch is installed, :mod:`~metapeft.bench.peers`),
+  plain-MLX ``vmap`` + ``compile`` version or naive per-task loop;
 - scaling: a meta-step's cost against tasks per meta-batch ``T``, LoRA rank and
   inner steps;
 - language models: a LoRA meta-step on random mlx-lm Llamas (tiny, and d=2048 with 16
@@ -25,7 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from metapeft.bench import problems
+from metapeft.bench import peers, problems
 from metapeft.bench.runner import BenchmarkRunner
 
 
@@ -137,6 +138,8 @@ def sizes(quick: bool) -> Sizes:
 
 def _linear(impl: str, dim: int) -> Callable[[], Any]:
     x, w = problems.linear_problem(dim, dim)
+    if impl == "torch":
+        return peers.linear(x, w)
     if impl == "numpy":
         import numpy as np
 
@@ -150,6 +153,8 @@ def _linear(impl: str, dim: int) -> Callable[[], Any]:
 
 def _lora_fwd_bwd(impl: str, sizes: tuple[int, int, int, int]) -> Callable[[], Any]:
     p = problems.lora_problem(*sizes)
+    if impl.startswith("torch"):
+        return peers.lora_forward_backward(p, compiled=impl == "torch compiled")
     if impl == "numpy":
         return problems.numpy_lora_forward_backward(p)
     return problems.lora_forward_backward(impl, p)
@@ -157,6 +162,8 @@ def _lora_fwd_bwd(impl: str, sizes: tuple[int, int, int, int]) -> Callable[[], A
 
 def _update(op: str, impl: str, tasks: int, tree: str) -> Callable[[], Any]:
     p = problems.update_problem(tasks, tree)
+    if impl == "torch":
+        return (peers.task_sgd if op == "task_sgd" else peers.reptile_update)(p)
     if op == "task_sgd":
         fn = problems.task_sgd_fn(impl)
         return lambda: fn(p["params"], p["grads"])
@@ -168,7 +175,9 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     """Every case of the suite, comparisons first, then sweeps, then capacity."""
     s = sizes
     d = s.linear_dim
-    for impl in ("fused", "numpy", "reference"):
+    # PyTorch, when installed, is timed in turns with the fused paths.
+    torch = ("torch",) if peers.torch_version() else ()
+    for impl in ("fused", "numpy", *torch, "reference"):
         yield Case(
             f"linear {d}x{d}x{d} fp32",
             {"impl": impl},
@@ -177,7 +186,8 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             interleave=impl != "reference",
         )
     t, n, dim, r = s.lora_op
-    for impl in ("fused", "numpy", "reference"):
+    torch_lora = ("torch", "torch compiled") if torch else ()
+    for impl in ("fused", "numpy", *torch_lora, "reference"):
         yield Case(
             f"lora_linear fwd+bwd T={t} N={n} d={dim} r={r} fp32",
             {"impl": impl},
@@ -188,7 +198,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     trees = {"sinusoid": 25, "lora": 16}
     for op in ("task_sgd", "reptile_update"):
         for tree, tasks in trees.items():
-            for impl in ("fused", "fused compiled", "reference compiled", "reference"):
+            for impl in ("fused", "fused compiled", "reference compiled", *torch, "reference"):
                 yield Case(
                     f"{op} {tree} tree T={tasks}",
                     {"impl": impl},
