@@ -68,6 +68,7 @@ def test_prepare_process_keeps_freed_memory_and_names_its_conditions():
     conditions = prepare_process()
     assert conditions["malloc"] == "freed memory kept"
     assert conditions["OPENBLAS_THREAD_TIMEOUT"] == os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    assert conditions["GOMP_SPINCOUNT"] == os.environ["GOMP_SPINCOUNT"]
     assert conditions["torch"] == (peers.torch_version() or "not installed (no peer figures)")
     data = {**_data(), "conditions": conditions}
     assert "conditions: malloc freed memory kept, OPENBLAS_THREAD_TIMEOUT" in report.stamp(data)

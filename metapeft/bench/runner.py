@@ -74,13 +74,19 @@ def hold_freed_memory() -> bool:
 
 def prepare_process() -> dict[str, str]:
     """Put this process in the conditions every benchmark runs under; return them, to
-    be recorded with the results. Call it before timing anything."""
+    be recorded with the results. Call it before timing anything (and before torch
+    is imported)."""
     from metapeft.bench import peers
 
+    # Idle OpenMP threads of torch sleep after 10,000 spins rather than libgomp's default
+    # 300,000, as metapeft has idle OpenBLAS threads sleep: timed in turns, torch's
+    # spinning threads had slowed the next implementation by up to 1.7x.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     torch = peers.torch_version()
     return {
         "malloc": "freed memory kept" if hold_freed_memory() else "system default",
         "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset"),
+        "GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"],
         "torch": torch or "not installed (no peer figures)",
     }
 
