@@ -4,4 +4,4 @@ learner, each beside its pure-MLX reference or naive twin. Problems are built by
 
 from metapeft.bench.runner import prepare_process
 
-prepare_process()  # the conditions of metapeft bench: glibc keeps freed memory
+prepare_process()  # the conditions metapeft bench and pytest-benchmark run under
