@@ -69,7 +69,9 @@ def test_prepare_process_keeps_freed_memory_and_names_its_conditions():
     assert conditions["malloc"] == "freed memory kept"
     assert conditions["OPENBLAS_THREAD_TIMEOUT"] == os.environ["OPENBLAS_THREAD_TIMEOUT"]
     assert conditions["GOMP_SPINCOUNT"] == os.environ["GOMP_SPINCOUNT"]
-    assert conditions["torch"] == (peers.torch_version() or "not installed (no peer figures)")
+    assert conditions["peers"] == (
+        ", ".join(f"{k} {v}" for k, v in peers.installed().items()) or "none installed"
+    )
     data = {**_data(), "conditions": conditions}
     assert "conditions: malloc freed memory kept, OPENBLAS_THREAD_TIMEOUT" in report.stamp(data)
 
@@ -92,43 +94,60 @@ def test_summary_save_and_plot(tmp_path):
 
 
 # ----------------------------------------------------------------------- peers
-def test_torch_is_timed_in_turns_beside_the_fused_paths_when_installed(monkeypatch):
-    def impls(version):
-        monkeypatch.setattr(peers, "torch_version", lambda: version)
+def test_peers_are_timed_in_turns_beside_the_fused_paths_when_installed(monkeypatch):
+    def impls(installed):
+        monkeypatch.setattr(peers, "installed", lambda: installed)
         found = {}
         for c in suite.cases(suite.TINY):
             if c.interleave:
                 found.setdefault(c.label.split()[0], set()).add(c.params["impl"])
         return found
 
-    assert not any("torch" in i for group in impls(None).values() for i in group)
-    with_torch = impls("2.13.0")
-    assert {"torch", "torch compiled"} <= with_torch["lora_linear"]
-    assert all("torch" in with_torch[op] for op in ("linear", "task_sgd", "reptile_update"))
+    none = impls({})
+    assert not any(i.split()[0] in peers.LIBRARIES for group in none.values() for i in group)
+    both = impls({"torch": "2.13.0", "jax": "0.10.2"})
+    assert {"torch", "torch compiled", "jax"} <= both["lora_linear"]
+    assert all({"torch", "jax"} <= both[op] for op in ("linear", "task_sgd", "reptile_update"))
+    assert "torch" not in impls({"jax": "0.10.2"})["linear"]
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_torch_twins_compute_the_same_maths(compiled):
-    pytest.importorskip("torch")
-    x, w = problems.linear_problem(6, 5)
+PEER_IMPLS = [
+    pytest.param("torch", marks=pytest.mark.skipif("torch" not in peers.installed(), reason="")),
+    pytest.param(
+        "torch compiled",
+        marks=[pytest.mark.slow, pytest.mark.skipif("torch" not in peers.installed(), reason="")],
+    ),
+    pytest.param("jax", marks=pytest.mark.skipif("jax" not in peers.installed(), reason="")),
+]
+
+
+@pytest.mark.parametrize("impl", PEER_IMPLS)
+def test_peer_twins_compute_the_same_maths(impl):
     close = dict(rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(peers.linear(x, w)().numpy(), reference.linear(x, w), **close)
+    if " " not in impl:
+        x, w = problems.linear_problem(6, 5)
+        got = np.asarray(peers.linear(impl, x, w)())
+        np.testing.assert_allclose(got, reference.linear(x, w), **close)
     p = problems.lora_problem(2, 3, 8, 2)
-    value, grads = peers.lora_forward_backward(p, compiled=compiled)()
+    value, grads = peers.lora_forward_backward(impl, p)()
     expected = problems.lora_forward_backward("reference", p)()
-    np.testing.assert_allclose(value.item(), expected[0].item(), **close)
+    np.testing.assert_allclose(float(value), expected[0].item(), **close)
     for got, want in zip(grads, expected[1], strict=True):
-        np.testing.assert_allclose(got.numpy(), want, **close)
-
-
-def test_torch_updates_are_the_same_maths_in_place():
-    pytest.importorskip("torch")
+        np.testing.assert_allclose(_numpy(got), want, **close)
+    if " " in impl:
+        return
     p = problems.update_problem(3, "sinusoid")
     sgd = reference.task_sgd(p["params"], p["grads"], 0.01)
     reptile = reference.reptile_update(p["meta"], p["params"], 0.1)
-    for step, want in ((peers.task_sgd(p), sgd), (peers.reptile_update(p), reptile)):
-        for got, expected in zip(step(), want.values(), strict=True):
-            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for step, want in ((peers.task_sgd(impl, p), sgd), (peers.reptile_update(impl, p), reptile)):
+        got = step()
+        got = got.values() if isinstance(got, dict) else got
+        for a, b in zip(got, want.values(), strict=True):
+            np.testing.assert_allclose(_numpy(a), b, **close)
+
+
+def _numpy(a):
+    return a.detach().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 # ---------------------------------------------------------------------- report

@@ -82,12 +82,12 @@ def prepare_process() -> dict[str, str]:
     # 300,000, as metapeft has idle OpenBLAS threads sleep: timed in turns, torch's
     # spinning threads had slowed the next implementation by up to 1.7x.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    torch = peers.torch_version()
+    installed = peers.installed()
     return {
         "malloc": "freed memory kept" if hold_freed_memory() else "system default",
         "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset"),
         "GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"],
-        "torch": torch or "not installed (no peer figures)",
+        "peers": ", ".join(f"{k} {v}" for k, v in installed.items()) or "none installed",
     }
 
 

@@ -3,7 +3,7 @@
 Four parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
 
 - comparisons: each fused primitive and learner beside its pure-MLX reference,
-  numpy twin, PyTorch twin (when torch is installed, :mod:`~metapeft.bench.peers`),
+  numpy twin, PyTorch and JAX twins (when installed, :mod:`~metapeft.bench.peers`),
   plain-MLX ``vmap`` + ``compile`` version or naive per-task loop;
 - scaling: a meta-step's cost against tasks per meta-batch ``T``, LoRA rank and
   inner steps;
@@ -138,8 +138,8 @@ def sizes(quick: bool) -> Sizes:
 
 def _linear(impl: str, dim: int) -> Callable[[], Any]:
     x, w = problems.linear_problem(dim, dim)
-    if impl == "torch":
-        return peers.linear(x, w)
+    if impl in peers.LIBRARIES:
+        return peers.linear(impl, x, w)
     if impl == "numpy":
         import numpy as np
 
@@ -153,8 +153,8 @@ def _linear(impl: str, dim: int) -> Callable[[], Any]:
 
 def _lora_fwd_bwd(impl: str, sizes: tuple[int, int, int, int]) -> Callable[[], Any]:
     p = problems.lora_problem(*sizes)
-    if impl.startswith("torch"):
-        return peers.lora_forward_backward(p, compiled=impl == "torch compiled")
+    if impl.split()[0] in peers.LIBRARIES:
+        return peers.lora_forward_backward(impl, p)
     if impl == "numpy":
         return problems.numpy_lora_forward_backward(p)
     return problems.lora_forward_backward(impl, p)
@@ -162,8 +162,8 @@ def _lora_fwd_bwd(impl: str, sizes: tuple[int, int, int, int]) -> Callable[[], A
 
 def _update(op: str, impl: str, tasks: int, tree: str) -> Callable[[], Any]:
     p = problems.update_problem(tasks, tree)
-    if impl == "torch":
-        return (peers.task_sgd if op == "task_sgd" else peers.reptile_update)(p)
+    if impl in peers.LIBRARIES:
+        return (peers.task_sgd if op == "task_sgd" else peers.reptile_update)(impl, p)
     if op == "task_sgd":
         fn = problems.task_sgd_fn(impl)
         return lambda: fn(p["params"], p["grads"])
@@ -175,9 +175,10 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     """Every case of the suite, comparisons first, then sweeps, then capacity."""
     s = sizes
     d = s.linear_dim
-    # PyTorch, when installed, is timed in turns with the fused paths.
-    torch = ("torch",) if peers.torch_version() else ()
-    for impl in ("fused", "numpy", *torch, "reference"):
+    # PyTorch and JAX, when installed, are timed in turns with the fused paths.
+    installed = peers.installed()
+    peer = tuple(name for name in peers.LIBRARIES if name in installed)
+    for impl in ("fused", "numpy", *peer, "reference"):
         yield Case(
             f"linear {d}x{d}x{d} fp32",
             {"impl": impl},
@@ -186,8 +187,8 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             interleave=impl != "reference",
         )
     t, n, dim, r = s.lora_op
-    torch_lora = ("torch", "torch compiled") if torch else ()
-    for impl in ("fused", "numpy", *torch_lora, "reference"):
+    compiled = ("torch compiled",) if "torch" in installed else ()
+    for impl in ("fused", "numpy", *peer, *compiled, "reference"):
         yield Case(
             f"lora_linear fwd+bwd T={t} N={n} d={dim} r={r} fp32",
             {"impl": impl},
@@ -198,7 +199,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     trees = {"sinusoid": 25, "lora": 16}
     for op in ("task_sgd", "reptile_update"):
         for tree, tasks in trees.items():
-            for impl in ("fused", "fused compiled", "reference compiled", *torch, "reference"):
+            for impl in ("fused", "fused compiled", "reference compiled", *peer, "reference"):
                 yield Case(
                     f"{op} {tree} tree T={tasks}",
                     {"impl": impl},

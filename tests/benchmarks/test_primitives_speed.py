@@ -15,8 +15,8 @@ from metapeft import ops, reference
 from metapeft.bench import peers, problems
 from metapeft.bench.problems import size
 
-# PyTorch twins, when torch is installed.
-TORCH = ["torch"] if peers.torch_version() else []
+# PyTorch and JAX twins, when installed.
+PEERS = [name for name in peers.LIBRARIES if name in peers.installed()]
 
 # Slow stock-MLX baselines (seconds per call) get few rounds.
 SLOW = {"rounds": 3, "iterations": 1, "warmup_rounds": 1}
@@ -33,11 +33,11 @@ def square():
 
 
 @pytest.mark.benchmark(group="linear 1024x1024x1024 fp32")
-@pytest.mark.parametrize("impl", ["fused", "numpy", *TORCH, "mlx"])
+@pytest.mark.parametrize("impl", ["fused", "numpy", *PEERS, "mlx"])
 def test_linear_square(benchmark, square, impl):
     x, w, xn, wn = square
-    if impl == "torch":
-        fn = peers.linear(x, w)
+    if impl in peers.LIBRARIES:
+        fn = peers.linear(impl, x, w)
     else:
         fn = {
             "fused": lambda: mx.eval(ops.linear(x, w)),
@@ -54,11 +54,13 @@ def lora_problem():
 
 
 @pytest.mark.benchmark(group="lora_linear fwd+bwd T=16 N=64 d=1024 r=8 fp32")
-@pytest.mark.parametrize("impl", ["fused", "numpy", *TORCH, "reference"])
+@pytest.mark.parametrize("impl", ["fused", "numpy", *PEERS, "reference"])
 def test_lora_forward_backward(benchmark, lora_problem, impl):
-    twins = {"numpy": problems.numpy_lora_forward_backward, "torch": peers.lora_forward_backward}
-    if impl in twins:
-        benchmark.pedantic(twins[impl](lora_problem), **MEDIUM)
+    if impl in peers.LIBRARIES:
+        benchmark.pedantic(peers.lora_forward_backward(impl, lora_problem), **MEDIUM)
+        return
+    if impl == "numpy":
+        benchmark.pedantic(problems.numpy_lora_forward_backward(lora_problem), **MEDIUM)
         return
     step = problems.lora_forward_backward(impl, lora_problem)
     benchmark.pedantic(lambda: mx.eval(step()), **(MEDIUM if impl == "fused" else SLOW))
@@ -66,7 +68,7 @@ def test_lora_forward_backward(benchmark, lora_problem, impl):
 
 # ------------------------------------------------- task_sgd and reptile_update
 TREES = {"T=25 x 1761 (6 arrays)": (25, "sinusoid"), "T=16 x 65536 (8 arrays)": (16, "lora")}
-UPDATE_IMPLS = ["fused", "fused compiled", "reference compiled", *TORCH, "reference"]
+UPDATE_IMPLS = ["fused", "fused compiled", "reference compiled", *PEERS, "reference"]
 
 
 @pytest.fixture(scope="module", params=list(TREES), ids=list(TREES))
@@ -78,8 +80,8 @@ def trees(request):
 def test_task_sgd(benchmark, trees, impl):
     name, p = trees
     benchmark.group = f"task_sgd {name}"
-    if impl == "torch":
-        benchmark.pedantic(peers.task_sgd(p), **FAST)
+    if impl in peers.LIBRARIES:
+        benchmark.pedantic(peers.task_sgd(impl, p), **FAST)
         return
     fn = problems.task_sgd_fn(impl)
     benchmark.pedantic(lambda: mx.eval(fn(p["params"], p["grads"])), **FAST)
@@ -89,8 +91,8 @@ def test_task_sgd(benchmark, trees, impl):
 def test_reptile_update(benchmark, trees, impl):
     name, p = trees
     benchmark.group = f"reptile_update {name}"
-    if impl == "torch":
-        benchmark.pedantic(peers.reptile_update(p), **FAST)
+    if impl in peers.LIBRARIES:
+        benchmark.pedantic(peers.reptile_update(impl, p), **FAST)
         return
     fn = problems.reptile_update_fn(impl)
     benchmark.pedantic(lambda: mx.eval(fn(p["meta"], p["params"])), **FAST)
