@@ -23,7 +23,8 @@ LIBRARIES = ("torch", "jax")
 
 
 def installed() -> dict[str, str]:
-    """The peer libraries installed here, with their versions."""
+    """The peer libraries installed here, with their versions, in the order of
+    :data:`LIBRARIES`."""
     found = {}
     for name in LIBRARIES:
         try:

@@ -177,7 +177,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     d = s.linear_dim
     # PyTorch and JAX, when installed, are timed in turns with the fused paths.
     installed = peers.installed()
-    peer = tuple(name for name in peers.LIBRARIES if name in installed)
+    peer = tuple(installed)
     for impl in ("fused", "numpy", *peer, "reference"):
         yield Case(
             f"linear {d}x{d}x{d} fp32",

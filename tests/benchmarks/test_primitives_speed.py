@@ -16,7 +16,7 @@ from metapeft.bench import peers, problems
 from metapeft.bench.problems import size
 
 # PyTorch and JAX twins, when installed.
-PEERS = [name for name in peers.LIBRARIES if name in peers.installed()]
+PEERS = list(peers.installed())
 
 # Slow stock-MLX baselines (seconds per call) get few rounds.
 SLOW = {"rounds": 3, "iterations": 1, "warmup_rounds": 1}
