@@ -94,10 +94,10 @@ def task_sgd(impl: str, p: dict[str, Any], lr: float = 0.01) -> Callable[[], Any
     if impl == "jax":
         import jax
 
-        f = jax.jit(lambda p, g: jax.tree.map(lambda p, g: p - lr * g, p, g), donate_argnums=0)
-        state = {"params": _jax(p["params"])}
-        grads = _jax(p["grads"])
-        return lambda: _replace(state, "params", f(state["params"], grads))
+        def step(params, grads):
+            return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+        return _jax_donated(step, p["params"], p["grads"])
     import torch
 
     params = [_torch(v) for v in p["params"].values()]
@@ -113,10 +113,7 @@ def reptile_update(impl: str, p: dict[str, Any], epsilon: float = 0.1) -> Callab
         def step(meta, adapted):
             return jax.tree.map(lambda m, a: m + epsilon * (a.mean(0) - m), meta, adapted)
 
-        f = jax.jit(step, donate_argnums=0)
-        state = {"meta": _jax(p["meta"])}
-        adapted = _jax(p["params"])
-        return lambda: _replace(state, "meta", f(state["meta"], adapted))
+        return _jax_donated(step, p["meta"], p["params"])
     import torch
 
     meta = [_torch(v) for v in p["meta"].values()]
@@ -124,8 +121,16 @@ def reptile_update(impl: str, p: dict[str, Any], epsilon: float = 0.1) -> Callab
     return lambda: torch._foreach_lerp_(meta, [a.mean(0) for a in adapted], epsilon)
 
 
-def _replace(state: dict[str, Any], key: str, new: Any) -> Any:
+def _jax_donated(step: Callable[[Any, Any], Any], state: Any, other: Any) -> Callable[[], Any]:
+    """Each call replaces ``state`` by ``step(state, other)``, jitted with the buffers
+    of ``state`` donated to the result."""
     import jax
 
-    state[key] = jax.block_until_ready(new)
-    return state[key]
+    f = jax.jit(step, donate_argnums=0)
+    current, other = [_jax(state)], _jax(other)
+
+    def call():
+        current[0] = jax.block_until_ready(f(current[0], other))
+        return current[0]
+
+    return call

@@ -177,8 +177,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     d = s.linear_dim
     # PyTorch and JAX, when installed, are timed in turns with the fused paths.
     installed = peers.installed()
-    peer = tuple(installed)
-    for impl in ("fused", "numpy", *peer, "reference"):
+    for impl in ("fused", "numpy", *installed, "reference"):
         yield Case(
             f"linear {d}x{d}x{d} fp32",
             {"impl": impl},
@@ -188,7 +187,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
         )
     t, n, dim, r = s.lora_op
     compiled = ("torch compiled",) if "torch" in installed else ()
-    for impl in ("fused", "numpy", *peer, *compiled, "reference"):
+    for impl in ("fused", "numpy", *installed, *compiled, "reference"):
         yield Case(
             f"lora_linear fwd+bwd T={t} N={n} d={dim} r={r} fp32",
             {"impl": impl},
@@ -199,7 +198,7 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     trees = {"sinusoid": 25, "lora": 16}
     for op in ("task_sgd", "reptile_update"):
         for tree, tasks in trees.items():
-            for impl in ("fused", "fused compiled", "reference compiled", *peer, "reference"):
+            for impl in ("fused", "fused compiled", "reference compiled", *installed, "reference"):
                 yield Case(
                     f"{op} {tree} tree T={tasks}",
                     {"impl": impl},
