@@ -54,14 +54,14 @@ class LoRALinear:
 
 UPDATE_PARAMS = (
     ["fused", "fused compiled", "reference compiled", "reference"],
-    ["sinusoid", "lora"],
+    list(problems.TREES),
     size([5, 25, 100], [2]),
     ["float32", "bfloat16"],
 )
 
 
 class TaskSGD:
-    """``task_sgd`` over a tree (sinusoid MLP: 6 arrays; LoRA: 8 x 8192 per task)."""
+    """``task_sgd`` over a tree of :data:`metapeft.bench.problems.TREES`."""
 
     params = UPDATE_PARAMS
     param_names = ["impl", "tree", "tasks", "dtype"]

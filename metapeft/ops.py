@@ -94,8 +94,9 @@ def lora_linear(
 def task_sgd(params: Any, grads: Any, lr: float | Any, *, stream: Stream = None) -> Any:
     """One SGD step for every task of a meta-batch: ``params - lr * grads``.
 
-    All leaves are updated by a single primitive call. The result keeps each
-    parameter's dtype; arithmetic is in float32. Differentiable in ``params``,
+    One primitive updates up to 16 leaves at once (larger trees take one per 16
+    leaves: MLX's cost per primitive grows with outputs times inputs). The
+    result keeps each parameter's dtype; arithmetic is in float32. Differentiable in ``params``,
     ``grads`` and ``lr`` (MAML differentiates through it, Meta-SGD learns ``lr``).
 
     Args:

@@ -169,6 +169,22 @@ EMPTY = [
 ]
 
 
+# More leaves than one primitive takes (metapeft builds one per 16 leaves).
+MANY_LEAVES = [(3,), (2, 2), ()] * 12 + [(4,)]
+
+
+@pytest.mark.parametrize("eps_kind", EPS_KINDS)
+def test_many_leaves(eps_kind):
+    """A tree split over several primitives: values, gradients, vmap and compile."""
+    rng = np.random.default_rng(18)
+    case = make_case(rng, 3, MANY_LEAVES, mx.float32, eps_kind)
+    check_values(case, 3)
+    check_grads(case.op, case.ref, case.args, case.names, rng)
+    in_axes = (0,) * len(case.args)
+    check_vmap(case.op, case.ref, batched(rng, case.args, in_axes), in_axes)
+    check_compile(case.op, case.args, rng)
+
+
 @pytest.mark.parametrize("eps_kind", EPS_KINDS)
 @pytest.mark.parametrize("t, shapes", EMPTY)
 def test_empty_dims(t, shapes, eps_kind):

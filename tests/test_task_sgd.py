@@ -203,6 +203,22 @@ def test_large_trees(dtype, lr_kind, layout):
     check_values(make_case(rng, 6, shapes, dtype, lr_kind, (layout,) * 3))
 
 
+# More leaves than one primitive takes (metapeft builds one per 16 leaves).
+MANY_LEAVES = [(3,), (2, 2), ()] * 12 + [(4,)]
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "array", "shared"])
+def test_many_leaves(lr_kind):
+    """A tree split over several primitives: values, gradients, vmap and compile."""
+    rng = np.random.default_rng(18)
+    case = make_case(rng, 2, MANY_LEAVES, mx.float32, lr_kind)
+    check_values(case)
+    check_grads(case.op, case.ref, case.args, case.names, rng)
+    in_axes = (0,) * len(case.args)
+    check_vmap(case.op, case.ref, batched(rng, case.args, in_axes), in_axes)
+    check_compile(case.op, case.args, rng)
+
+
 EMPTY = [
     pytest.param(0, [(3,), (2, 2)], id="T=0"),
     pytest.param(2, [(0,), (3,)], id="empty_leaf"),

@@ -98,11 +98,17 @@ std::vector<mx::array> reptile_update(
     shapes.push_back(p.shape());
     dtypes.push_back(mx::promote_types(p.dtype(), a.dtype()));
   }
-  std::vector<mx::array> inputs(params);
-  inputs.insert(inputs.end(), adapted.begin(), adapted.end());
-  inputs.push_back(epsilon);
-  return mx::array::make_arrays(
-      std::move(shapes), dtypes, std::make_shared<ReptileUpdate>(mx::to_stream(s)), inputs);
+  auto stream = mx::to_stream(s);
+  return in_leaf_groups(n, [&](size_t begin, size_t end) {
+    std::vector<mx::array> inputs(params.begin() + begin, params.begin() + end);
+    inputs.insert(inputs.end(), adapted.begin() + begin, adapted.begin() + end);
+    inputs.push_back(epsilon);
+    return mx::array::make_arrays(
+        {shapes.begin() + begin, shapes.begin() + end},
+        {dtypes.begin() + begin, dtypes.begin() + end},
+        std::make_shared<ReptileUpdate>(stream),
+        inputs);
+  });
 }
 
 void ReptileUpdate::eval_cpu(

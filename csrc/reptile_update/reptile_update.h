@@ -1,5 +1,6 @@
 // reptile_update: out_i = params_i + epsilon * (mean_T(adapted_i) - params_i)
-// for every leaf i of a parameter tree, in one primitive with one output per leaf.
+// for every leaf i of a parameter tree: one primitive, with one output per leaf,
+// for every kLeavesPerPrimitive leaves.
 #pragma once
 
 #include "common.h"

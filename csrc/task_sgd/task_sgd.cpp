@@ -126,11 +126,17 @@ std::vector<mx::array> task_sgd(
     shapes.push_back(p.shape());
     dtypes.push_back(mx::promote_types(p.dtype(), g.dtype()));
   }
-  std::vector<mx::array> inputs(params);
-  inputs.insert(inputs.end(), grads.begin(), grads.end());
-  inputs.insert(inputs.end(), lrs.begin(), lrs.end());
-  return mx::array::make_arrays(
-      std::move(shapes), dtypes, std::make_shared<TaskSGD>(mx::to_stream(s)), inputs);
+  auto stream = mx::to_stream(s);
+  return in_leaf_groups(n, [&](size_t begin, size_t end) {
+    std::vector<mx::array> inputs(params.begin() + begin, params.begin() + end);
+    inputs.insert(inputs.end(), grads.begin() + begin, grads.begin() + end);
+    inputs.insert(inputs.end(), lrs.begin() + begin, lrs.begin() + end);
+    return mx::array::make_arrays(
+        {shapes.begin() + begin, shapes.begin() + end},
+        {dtypes.begin() + begin, dtypes.begin() + end},
+        std::make_shared<TaskSGD>(stream),
+        inputs);
+  });
 }
 
 void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {

@@ -1,5 +1,6 @@
 // task_sgd: out_i = params_i - lr_i * grads_i for every leaf i of a parameter
-// tree, all tasks at once, in one primitive with one output per leaf.
+// tree, all tasks at once: one primitive, with one output per leaf, for every
+// kLeavesPerPrimitive leaves.
 #pragma once
 
 #include "common.h"

@@ -107,7 +107,12 @@ TREES = {
     "sinusoid": [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)],
     # A LoRA-sized tree: 65,536 parameters per task in 8 arrays.
     "lora": [(size(8192, 8),)] * 8,
+    # LoRA adapters (r=8) on q and v of a 24-layer d=256 model: 96 arrays, 196,608
+    # per task. More leaves than one primitive takes, as in a language model.
+    "lm": [(size(256, 16), 8), (8, size(256, 16))] * 48,
 }
+# The tasks of each tree's meta-batch in the update benchmarks.
+TREE_TASKS = {"sinusoid": 25, "lora": 16, "lm": 8}
 
 
 def update_problem(tasks: int, tree: str, dtype: str = "float32") -> dict[str, Any]:

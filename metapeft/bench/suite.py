@@ -195,9 +195,8 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             repeat=s.slow_repeat if impl == "reference" else 20,
             interleave=impl != "reference",
         )
-    trees = {"sinusoid": 25, "lora": 16}
     for op in ("task_sgd", "reptile_update"):
-        for tree, tasks in trees.items():
+        for tree, tasks in problems.TREE_TASKS.items():
             for impl in ("fused", "fused compiled", "reference compiled", *installed, "reference"):
                 yield Case(
                     f"{op} {tree} tree T={tasks}",

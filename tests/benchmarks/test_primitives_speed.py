@@ -7,6 +7,8 @@ body ends in ``mx.eval`` because MLX is lazy.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -67,7 +69,11 @@ def test_lora_forward_backward(benchmark, lora_problem, impl):
 
 
 # ------------------------------------------------- task_sgd and reptile_update
-TREES = {"T=25 x 1761 (6 arrays)": (25, "sinusoid"), "T=16 x 65536 (8 arrays)": (16, "lora")}
+TREES = {
+    f"T={tasks} x {sum(math.prod(s) for s in problems.TREES[tree])} "
+    f"({len(problems.TREES[tree])} arrays)": (tasks, tree)
+    for tree, tasks in problems.TREE_TASKS.items()
+}
 UPDATE_IMPLS = ["fused", "fused compiled", "reference compiled", *PEERS, "reference"]
 
 
