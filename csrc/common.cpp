@@ -216,6 +216,32 @@ void donate_or_allocate(const mx::array& in, mx::array& out) {
   }
 }
 
+std::vector<mx::array> leaf_group_outputs(
+    const std::vector<mx::Shape>& shapes,
+    const std::vector<mx::Dtype>& dtypes,
+    std::initializer_list<const std::vector<mx::array>*> per_leaf,
+    const std::vector<mx::array>& shared,
+    const std::function<std::shared_ptr<mx::Primitive>()>& make_primitive) {
+  size_t n = shapes.size();
+  std::vector<mx::array> outputs;
+  outputs.reserve(n);
+  for (size_t begin = 0; begin < n; begin += kLeavesPerPrimitive) {
+    size_t end = std::min(n, begin + kLeavesPerPrimitive);
+    std::vector<mx::array> inputs;
+    for (auto* leaves : per_leaf) {
+      inputs.insert(inputs.end(), leaves->begin() + begin, leaves->begin() + end);
+    }
+    inputs.insert(inputs.end(), shared.begin(), shared.end());
+    auto group = mx::array::make_arrays(
+        {shapes.begin() + begin, shapes.begin() + end},
+        {dtypes.begin() + begin, dtypes.begin() + end},
+        make_primitive(),
+        inputs);
+    outputs.insert(outputs.end(), group.begin(), group.end());
+  }
+  return outputs;
+}
+
 std::vector<mx::Shape> leaf_shapes(const std::vector<mx::array>& inputs, size_t n) {
   std::vector<mx::Shape> shapes;
   for (size_t i = 0; i < n; ++i) {

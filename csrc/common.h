@@ -3,6 +3,9 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
+#include <initializer_list>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -137,18 +140,16 @@ void donate_or_allocate(const mx::array& in, mx::array& out);
 // therefore build one primitive per group of at most this many leaves.
 constexpr size_t kLeavesPerPrimitive = 16;
 
-// The outputs of make(begin, end), which builds the primitive for leaves
-// [begin, end), over consecutive groups of at most kLeavesPerPrimitive of n leaves.
-template <typename F>
-std::vector<mx::array> in_leaf_groups(size_t n, F make) {
-  std::vector<mx::array> outputs;
-  outputs.reserve(n);
-  for (size_t begin = 0; begin < n; begin += kLeavesPerPrimitive) {
-    auto group = make(begin, std::min(n, begin + kLeavesPerPrimitive));
-    outputs.insert(outputs.end(), group.begin(), group.end());
-  }
-  return outputs;
-}
+// The outputs of a per-leaf update with the given output shapes and dtypes: one
+// primitive from make_primitive() per group of at most kLeavesPerPrimitive
+// leaves, whose inputs are the group's leaves of each list in `per_leaf`, in
+// order, then `shared`.
+std::vector<mx::array> leaf_group_outputs(
+    const std::vector<mx::Shape>& shapes,
+    const std::vector<mx::Dtype>& dtypes,
+    std::initializer_list<const std::vector<mx::array>*> per_leaf,
+    const std::vector<mx::array>& shared,
+    const std::function<std::shared_ptr<mx::Primitive>()>& make_primitive);
 
 // The shapes of inputs[0 .. n), as the outputs of a per-leaf update.
 std::vector<mx::Shape> leaf_shapes(const std::vector<mx::array>& inputs, size_t n);

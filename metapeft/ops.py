@@ -95,9 +95,10 @@ def task_sgd(params: Any, grads: Any, lr: float | Any, *, stream: Stream = None)
     """One SGD step for every task of a meta-batch: ``params - lr * grads``.
 
     One primitive updates up to 16 leaves at once (larger trees take one per 16
-    leaves: MLX's cost per primitive grows with outputs times inputs). The
-    result keeps each parameter's dtype; arithmetic is in float32. Differentiable in ``params``,
-    ``grads`` and ``lr`` (MAML differentiates through it, Meta-SGD learns ``lr``).
+    leaves: MLX's cost per primitive grows with outputs times inputs). The result
+    keeps each parameter's dtype; arithmetic is in float32. Differentiable in
+    ``params``, ``grads`` and ``lr`` (MAML differentiates through it, Meta-SGD
+    learns ``lr``).
 
     Args:
         params: Tree (dicts, lists, tuples) of arrays, each with a leading task axis.

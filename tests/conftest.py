@@ -68,6 +68,9 @@ BENCHMARK_CONDITIONS = pytest.StashKey[dict]()
 
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# Leaf shapes of a tree larger than one primitive takes (the tree updates build one
+# per 16 leaves): 37 leaves, three primitives.
+MANY_LEAVES = [(3,), (2, 2), ()] * 12 + [(4,)]
 BAD_DTYPES = [mx.int32, mx.complex64, mx.float64]
 
 _BASE_TOL = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 5e-2}

@@ -111,13 +111,14 @@ def test_peers_are_timed_in_turns_beside_the_fused_paths_when_installed(monkeypa
     assert "torch" not in impls({"jax": "0.10.2"})["linear"]
 
 
+INSTALLED = peers.installed()
 PEER_IMPLS = [
-    pytest.param("torch", marks=pytest.mark.skipif("torch" not in peers.installed(), reason="")),
+    pytest.param("torch", marks=pytest.mark.skipif("torch" not in INSTALLED, reason="")),
     pytest.param(
         "torch compiled",
-        marks=[pytest.mark.slow, pytest.mark.skipif("torch" not in peers.installed(), reason="")],
+        marks=[pytest.mark.slow, pytest.mark.skipif("torch" not in INSTALLED, reason="")],
     ),
-    pytest.param("jax", marks=pytest.mark.skipif("jax" not in peers.installed(), reason="")),
+    pytest.param("jax", marks=pytest.mark.skipif("jax" not in INSTALLED, reason="")),
 ]
 
 

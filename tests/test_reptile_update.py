@@ -14,6 +14,7 @@ from conftest import (
     BAD_DTYPES,
     DTYPES,
     LAYOUTS,
+    MANY_LEAVES,
     assert_tree_close,
     axes_id,
     batched,
@@ -167,10 +168,6 @@ EMPTY = [
     pytest.param(2, [(0,), (3,)], id="empty_leaf"),
     pytest.param(3, [(3, 0, 2)], id="empty_inner_axis"),
 ]
-
-
-# More leaves than one primitive takes (metapeft builds one per 16 leaves).
-MANY_LEAVES = [(3,), (2, 2), ()] * 12 + [(4,)]
 
 
 @pytest.mark.parametrize("eps_kind", EPS_KINDS)

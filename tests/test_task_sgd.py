@@ -14,6 +14,7 @@ from conftest import (
     BAD_DTYPES,
     DTYPES,
     LAYOUTS,
+    MANY_LEAVES,
     assert_close,
     assert_tree_close,
     axes_id,
@@ -201,10 +202,6 @@ def test_large_trees(dtype, lr_kind, layout):
     rng = np.random.default_rng(17)
     shapes = [(256, 512), (1000,), (3, 7, 129)] + [(5,)] * 40
     check_values(make_case(rng, 6, shapes, dtype, lr_kind, (layout,) * 3))
-
-
-# More leaves than one primitive takes (metapeft builds one per 16 leaves).
-MANY_LEAVES = [(3,), (2, 2), ()] * 12 + [(4,)]
 
 
 @pytest.mark.parametrize("lr_kind", ["float", "array", "shared"])

@@ -99,15 +99,8 @@ std::vector<mx::array> reptile_update(
     dtypes.push_back(mx::promote_types(p.dtype(), a.dtype()));
   }
   auto stream = mx::to_stream(s);
-  return in_leaf_groups(n, [&](size_t begin, size_t end) {
-    std::vector<mx::array> inputs(params.begin() + begin, params.begin() + end);
-    inputs.insert(inputs.end(), adapted.begin() + begin, adapted.begin() + end);
-    inputs.push_back(epsilon);
-    return mx::array::make_arrays(
-        {shapes.begin() + begin, shapes.begin() + end},
-        {dtypes.begin() + begin, dtypes.begin() + end},
-        std::make_shared<ReptileUpdate>(stream),
-        inputs);
+  return leaf_group_outputs(shapes, dtypes, {&params, &adapted}, {epsilon}, [&] {
+    return std::make_shared<ReptileUpdate>(stream);
   });
 }
 

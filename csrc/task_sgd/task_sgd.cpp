@@ -127,15 +127,8 @@ std::vector<mx::array> task_sgd(
     dtypes.push_back(mx::promote_types(p.dtype(), g.dtype()));
   }
   auto stream = mx::to_stream(s);
-  return in_leaf_groups(n, [&](size_t begin, size_t end) {
-    std::vector<mx::array> inputs(params.begin() + begin, params.begin() + end);
-    inputs.insert(inputs.end(), grads.begin() + begin, grads.begin() + end);
-    inputs.insert(inputs.end(), lrs.begin() + begin, lrs.begin() + end);
-    return mx::array::make_arrays(
-        {shapes.begin() + begin, shapes.begin() + end},
-        {dtypes.begin() + begin, dtypes.begin() + end},
-        std::make_shared<TaskSGD>(stream),
-        inputs);
+  return leaf_group_outputs(shapes, dtypes, {&params, &grads, &lrs}, {}, [&] {
+    return std::make_shared<TaskSGD>(stream);
   });
 }
 
