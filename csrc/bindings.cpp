@@ -8,9 +8,12 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "cross_entropy/cross_entropy.h"
 #include "linear/linear.h"
 #include "lora_linear/lora_linear.h"
 #include "reptile_update/reptile_update.h"
+#include "sigmoid/sigmoid.h"
+#include "softmax/softmax.h"
 #include "task_sgd/task_sgd.h"
 
 namespace nb = nanobind;
@@ -216,4 +219,23 @@ NB_MODULE(_ext, m) {
       "epsilon"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
+
+  m.def(
+      "softmax",
+      &metapeft::softmax,
+      "x"_a,
+      "scale"_a = 1.0f,
+      "causal"_a = false,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "cross_entropy",
+      &metapeft::cross_entropy,
+      "logits"_a,
+      "targets"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def("sigmoid", &metapeft::sigmoid, "x"_a, nb::kw_only(), "stream"_a = nb::none());
 }

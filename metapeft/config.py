@@ -279,7 +279,8 @@ class ModelSection(_Section):
     Attributes:
         hidden: Widths of the hidden layers.
         activation: The nonlinearity after each hidden layer.
-        blas_linear: Use the fused :class:`~metapeft.nn.BLASLinear` for Linear layers.
+        blas_linear: Put the model on metapeft's fast path (BLAS products and fused
+            layers, :func:`~metapeft.nn.use_fast_layers`); false keeps MLX's own layers.
         lora: Adapters to meta-learn instead of every weight; ``None`` for none.
     """
 

@@ -21,7 +21,16 @@ from mlx.utils import tree_flatten
 
 from metapeft import _ext
 
-__all__ = ["linear", "lora_linear", "task_sgd", "reptile_update"]
+__all__ = [
+    "attention",
+    "cross_entropy",
+    "linear",
+    "lora_linear",
+    "reptile_update",
+    "sigmoid",
+    "softmax",
+    "task_sgd",
+]
 
 # Where to run an op, as in MLX: None (the default stream), a stream or a device.
 Stream = mx.Stream | mx.Device | None
@@ -152,6 +161,143 @@ def reptile_update(
         return _ext.reptile_update(params, adapted, epsilon, stream=stream)
     except (ValueError, TypeError) as e:
         raise _explain(e, params, adapted=adapted) from None
+
+
+def softmax(
+    x: mx.array, scale: float = 1.0, causal: bool = False, *, stream: Stream = None
+) -> mx.array:
+    """Softmax over the last axis of ``scale * x``, fused and multithreaded on the CPU.
+
+    Args:
+        x: ``(..., n)``; with ``causal``, ``(..., L, S)`` attention scores.
+        scale: Finite float multiplying ``x`` first.
+        causal: Mask query ``i`` from keys ``j > i + S - L`` (queries aligned to
+            the last keys, as ``mask="causal"`` in
+            ``mx.fast.scaled_dot_product_attention``); masked entries are 0.
+        stream: Stream or device to run on; default stream if None.
+
+    Returns:
+        Array like ``x`` (same dtype; arithmetic in float32). On a GPU stream it is
+        MLX's own ``mx.softmax``.
+
+    Example:
+        >>> softmax(mx.zeros((2, 4)))[0, 0].item()
+        0.25
+    """
+    _check_finite("scale", scale)
+    return _ext.softmax(x, float(scale), bool(causal), stream=stream)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array, *, stream: Stream = None) -> mx.array:
+    """Per-row cross-entropy ``logsumexp(logits) - logits[target]``, fused.
+
+    One multithreaded pass over the logits; the gradient is ``softmax(logits) -
+    onehot(target)`` times the incoming gradient. Masking (padding, prompts) is
+    the caller's: multiply the result by a mask.
+
+    Args:
+        logits: ``(..., V)``, float32, float16 or bfloat16.
+        targets: ``(...)`` class indices of an integer dtype; one outside ``[0, V)``
+            gives NaN.
+        stream: Stream or device to run on; default stream if None.
+
+    Returns:
+        ``(...)`` float32 losses, as ``mlx.nn.losses.cross_entropy(logits, targets,
+        reduction="none")``.
+
+    Example:
+        >>> round(cross_entropy(mx.zeros((1, 4)), mx.array([2]))[0].item(), 4)
+        1.3863
+    """
+    return _ext.cross_entropy(logits, targets, stream=stream)
+
+
+def sigmoid(x: mx.array, *, stream: Stream = None) -> mx.array:
+    """Elementwise ``1 / (1 + exp(-x))``, multithreaded (SiLU is ``x * sigmoid(x)``).
+
+    Example:
+        >>> sigmoid(mx.array([0.0])).item()
+        0.5
+    """
+    return _ext.sigmoid(x, stream=stream)
+
+
+def attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: mx.array | str | None = None,
+    *,
+    stream: Stream = None,
+) -> mx.array:
+    """``softmax(scale * queries @ keys.T + mask) @ values``, as
+    ``mx.fast.scaled_dot_product_attention``, on the BLAS products of :func:`linear`
+    and the fused :func:`softmax`.
+
+    Grouped-query attention needs no copy of the keys and values: the queries of
+    a key-value head are stacked into one product. The scores are materialised
+    (``B * n_heads * L * S`` floats, kept for the backward pass), which suits the
+    short sequences of few-shot tasks; on a GPU stream this is MLX's own fused
+    kernel.
+
+    Args:
+        queries: ``(B, n_heads, L, D)``.
+        keys: ``(B, n_kv_heads, S, D)``, ``n_heads`` a multiple of ``n_kv_heads``.
+        values: ``(B, n_kv_heads, S, D_v)``.
+        scale: Finite float, usually ``D ** -0.5``.
+        mask: None, ``"causal"``, or an array broadcasting to ``(B, n_heads, L, S)``:
+            boolean (True keeps) or additive.
+        stream: Stream or device to run on; default stream if None.
+
+    Returns:
+        ``(B, n_heads, L, D_v)``.
+
+    Example:
+        >>> q = mx.ones((1, 4, 3, 8)); kv = mx.ones((1, 2, 3, 8))
+        >>> attention(q, kv, kv, scale=8**-0.5, mask="causal").shape
+        (1, 4, 3, 8)
+    """
+    _check_finite("scale", scale)
+    if mask is not None and not isinstance(mask, (str, mx.array)):
+        raise TypeError(f"mask must be None, 'causal' or an mx.array, got {type(mask).__name__}")
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"mask must be None, 'causal' or an mx.array, got {mask!r}")
+    if queries.ndim != 4 or keys.ndim != 4 or values.ndim != 4:
+        raise ValueError(
+            "queries, keys and values must have shape (B, heads, length, head_dim), got "
+            f"{queries.shape}, {keys.shape}, {values.shape}"
+        )
+    B, heads, L, D = queries.shape
+    kv_heads, S = keys.shape[1], keys.shape[2]
+    if keys.shape[0] != B or values.shape[:3] != keys.shape[:3] or keys.shape[3] != D:
+        raise ValueError(
+            f"keys {keys.shape} and values {values.shape} do not match queries {queries.shape}"
+        )
+    if heads % kv_heads:
+        raise ValueError(f"n_heads={heads} is not a multiple of n_kv_heads={kv_heads}")
+    device = stream if isinstance(stream, mx.Device) else getattr(stream, "device", None)
+    if (device or mx.default_device()) == mx.gpu:
+        return mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask, stream=stream
+        )
+    group = heads // kv_heads
+    # The `group` query heads of each key-value head form one (group * L)-row product.
+    q = queries.reshape(B * kv_heads, group * L, D)
+    scores = linear(q, keys.reshape(B * kv_heads, S, D), stream=stream)
+    scores = scores.reshape(B, kv_heads, group, L, S)
+    if isinstance(mask, mx.array):
+        scores = scores.reshape(B, heads, L, S) * scale
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf, stream=stream)
+        else:
+            scores = scores + mask
+        probs = softmax(scores, stream=stream).reshape(B, kv_heads, group, L, S)
+    else:
+        probs = softmax(scores, scale, causal=mask == "causal", stream=stream)
+    v_t = mx.swapaxes(values.reshape(B * kv_heads, S, -1), -1, -2)
+    out = linear(probs.reshape(B * kv_heads, group * L, S), v_t, stream=stream)
+    return out.reshape(B, heads, L, -1)
 
 
 def _check_finite(name: str, value: Any) -> None:

@@ -69,6 +69,42 @@ def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
     return tree_map(step, params, adapted)
 
 
+def softmax(x: mx.array, scale: float = 1.0, causal: bool = False) -> mx.array:
+    """``mx.softmax`` of ``scale * x`` over the last axis, in float32; with ``causal``,
+    query ``i`` of ``L`` sees keys ``j <= i + S - L`` (others are 0)."""
+    y = x.astype(mx.float32) * scale
+    if not causal:
+        return mx.softmax(y, axis=-1, precise=True).astype(x.dtype)
+    L, S = x.shape[-2:]
+    keep = mx.arange(S) <= mx.arange(L)[:, None] + (S - L)
+    # A large finite fill keeps a fully masked row (and its gradient) finite.
+    p = mx.softmax(mx.where(keep, y, -3e38), axis=-1, precise=True)
+    return mx.where(keep, p, 0.0).astype(x.dtype)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-row ``logsumexp(logits) - logits[target]`` in float32."""
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None].astype(mx.int32), axis=-1)[..., 0]
+    return mx.logsumexp(logits, axis=-1) - picked
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    """``mx.sigmoid`` computed in float32, in ``x``'s dtype."""
+    return mx.sigmoid(x.astype(mx.float32)).astype(x.dtype)
+
+
+def attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: mx.array | str | None = None,
+) -> mx.array:
+    """MLX's own ``mx.fast.scaled_dot_product_attention``."""
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
 def _per_task(x: mx.array, num_tasks: int) -> mx.array:
     """View ``x`` of shape ``(T, ..., d)`` as ``(T, 1, M, d)`` for batched matmul."""
     return x.reshape(num_tasks, 1, math.prod(x.shape[1:-1]), x.shape[-1])

@@ -108,6 +108,7 @@ def build_learner(config: Any, model: nn.Module) -> MetaLearner:
     """The learner of ``config.training.algorithm`` with bias-corrected Adam outside."""
     t = config.training
     loss_fn = LOSSES[t.loss]
+    fast = config.model.blas_linear
     if t.algorithm == "reptile":
         return Reptile(
             model,
@@ -115,10 +116,13 @@ def build_learner(config: Any, model: nn.Module) -> MetaLearner:
             inner_lr=t.inner_lr,
             inner_steps=t.inner_steps,
             loss_fn=loss_fn,
+            fast=fast,
         )
     learner = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[t.algorithm]
     adam = optim.Adam(t.outer_lr, bias_correction=True)
-    return learner(model, adam, inner_lr=t.inner_lr, inner_steps=t.inner_steps, loss_fn=loss_fn)
+    return learner(
+        model, adam, inner_lr=t.inner_lr, inner_steps=t.inner_steps, loss_fn=loss_fn, fast=fast
+    )
 
 
 def task_distributions(config: Any) -> tuple[TaskDistribution, TaskDistribution]:

@@ -146,9 +146,10 @@ ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile")
 def make_learner(
     algorithm: str, model: nn.Module, *, inner_steps: int, batched: bool, inner_lr: float = 0.01
 ) -> MetaLearner:
-    """A learner of ``algorithm`` (one of :data:`ALGORITHMS`) with Adam outer steps."""
+    """A learner of ``algorithm`` (one of :data:`ALGORITHMS`) with Adam outer steps; the
+    batched one on metapeft's fast layers, the naive loop on the model's own."""
     cls = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "reptile": Reptile}[algorithm]
-    return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, batched=batched)
+    return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, fast=batched)
 
 
 def sinusoid_net(fused: bool, seed: int = 0) -> nn.Module:
@@ -346,6 +347,7 @@ def lm_meta_step(
         linear_to_lora_layers(model, len(model.layers), spec.lora_parameters())
     else:
         raise ValueError(f"unknown implementation {impl!r}; expected fused or naive")
-    learner = lm.build_learner(model, algorithm, 0.1, inner_steps, 1e-3, batched=impl == "fused")
+    fused = impl == "fused"
+    learner = lm.build_learner(model, algorithm, 0.1, inner_steps, 1e-3, fused, fast=fused)
     episodes = text_tasks.sample(tasks)
     return lambda: learner.meta_train_step(episodes)

@@ -22,6 +22,7 @@ from metapeft.learners.core import (
     stop_gradient,
     tree_distance,
 )
+from metapeft.nn.fast import use_fast_layers
 
 # Per-task results of one task's meta-objective: (query loss, support loss, distance moved).
 TaskResult = tuple[mx.array, mx.array, mx.array]
@@ -44,6 +45,10 @@ class MetaLearner:
         inner_steps: Inner steps per task during meta-training.
         batched: All tasks at once (fast path) or a loop over tasks (reference).
         compile: Wrap the meta-step in ``mx.compile`` (batched path only).
+        fast: Put the model on metapeft's fast path first
+            (:func:`metapeft.nn.use_fast_layers`: BLAS products, fused attention,
+            SwiGLU and tied output layers, in place, weights shared and results
+            unchanged); False keeps the model's own layers.
         loss_fn: ``loss_fn(model, x, y) -> scalar`` for one task (MLX's convention).
             It may instead be given to :meth:`meta_train_step`, which remembers it
             for :meth:`adapt` and :meth:`evaluate`.
@@ -61,9 +66,14 @@ class MetaLearner:
         batched: bool = True,
         compile: bool = True,
         loss_fn: LossFn | None = None,
+        fast: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
+        if fast:
+            # In place. A model that is itself one swappable layer (a bare nn.Linear)
+            # is kept: the caller's object is the one that learns.
+            use_fast_layers(model)
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr > 0):

@@ -47,10 +47,11 @@ class Reptile(MetaLearner):
         batched: bool = True,
         compile: bool = True,
         loss_fn: LossFn | None = None,
+        fast: bool = True,
     ) -> None:
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}")
-        super().__init__(model, optimizer, inner_lr, inner_steps, batched, compile, loss_fn)
+        super().__init__(model, optimizer, inner_lr, inner_steps, batched, compile, loss_fn, fast)
         self.epsilon = float(epsilon)
 
     def default_optimizer(self) -> None:

@@ -180,7 +180,7 @@ class MetaLoRAAdapter:
         """The initialisation as a tree, to pass to ``model.update``."""
         return tree_unflatten(list(self.weights.items()))
 
-    def apply(self, model: nn.Module, blas_linear: bool = True) -> nn.Module:
+    def apply(self, model: nn.Module, fast: bool = True) -> nn.Module:
         """Adds LoRA layers to ``model`` (as mlx-lm would for this config) set to the
         initialisation, and freezes the rest; returns ``model``.
 
@@ -189,7 +189,7 @@ class MetaLoRAAdapter:
                 (names the file and the modules).
         """
         try:
-            add_lora(model, self.spec, blas_linear=blas_linear)
+            add_lora(model, self.spec, fast=fast)
         except ValueError as e:
             raise ValueError(f"{self.source}: {e}") from None
         self.reset(model)

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from metapeft import ops
 from metapeft.tasks import Episodes
 
 __all__ = ["IGNORE", "TextExample", "TextTasks", "lm_loss", "read_jsonl", "tokenize"]
@@ -262,5 +263,5 @@ def lm_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
     """
     logits = model(x)
     mask = y != IGNORE
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, y, 0)) * mask
+    ce = ops.cross_entropy(logits, mx.where(mask, y, 0)) * mask
     return ce.sum() / mx.maximum(mask.sum(), 1)

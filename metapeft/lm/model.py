@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from metapeft import ops
-from metapeft.nn import LoRALinear, use_blas_linear
+from metapeft.nn import LoRALinear, use_fast_layers
 from metapeft.nn._modules import bare
 from metapeft.nn.lora import check_lora_args
 
@@ -276,19 +276,19 @@ def _blocks_prefix(model: nn.Module) -> str:
     raise ValueError("cannot find the path of model.layers among the model's modules")
 
 
-def add_lora(model: nn.Module, spec: LoRASpec, blas_linear: bool = True) -> nn.Module:
+def add_lora(model: nn.Module, spec: LoRASpec, fast: bool = True) -> nn.Module:
     """Adds fresh adapters to an mlx-lm model in place, where mlx-lm would put them,
     and freezes everything else.
 
     Linear modules become :class:`metapeft.nn.LoRALinear`, quantized ones
     :class:`QLoRALinear`; ``model.trainable_parameters()`` is then the adapter tree,
-    with the names of mlx-lm's ``adapters.safetensors``. With ``blas_linear`` the
-    remaining plain Linear modules run on :func:`metapeft.ops.linear`.
+    with the names of mlx-lm's ``adapters.safetensors``. With ``fast`` the rest of
+    the model goes on metapeft's fast path (:func:`metapeft.nn.use_fast_layers`).
 
     Args:
         model: A model from ``mlx_lm.load`` (it has ``model.layers``).
         spec: Rank, alpha, dropout, keys and number of blocks.
-        blas_linear: Swap the other Linear modules for ``BLASLinear``.
+        fast: Swap the other layers for metapeft's fast ones (same results).
 
     Returns:
         ``model``.
@@ -307,8 +307,8 @@ def add_lora(model: nn.Module, spec: LoRASpec, blas_linear: bool = True) -> nn.M
     for module in model.modules():
         if isinstance(module, (LoRALinear, QLoRALinear)):
             module.unfreeze(recurse=False, keys=["lora_a", "lora_b"])
-    if blas_linear:
-        use_blas_linear(model)
+    if fast:
+        use_fast_layers(model)
     return model
 
 

@@ -31,13 +31,17 @@ def build_learner(
     inner_steps: int,
     outer_lr: float,
     batched: bool,
+    fast: bool = True,
 ) -> MetaLearner:
     """The learner for ``algorithm`` on ``model``'s adapters with :func:`lm_loss`.
 
     Reptile's outer step size is ``outer_lr`` (its epsilon); MAML and FOMAML use
-    bias-corrected Adam at ``outer_lr``.
+    bias-corrected Adam at ``outer_lr``. ``fast`` as in the learners: the model on
+    metapeft's fast layers.
     """
-    common = dict(inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, loss_fn=lm_loss)
+    common = dict(
+        inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, loss_fn=lm_loss, fast=fast
+    )
     if algorithm == "reptile":
         return Reptile(model, epsilon=outer_lr, **common)
     if algorithm in ("fomaml", "maml"):

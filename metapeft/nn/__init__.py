@@ -5,6 +5,8 @@
 - :class:`BLASLinear` and :func:`use_blas_linear`: ``mlx.nn.Linear`` on the BLAS
   kernel of ``ops.linear``.
 - :func:`apply_lora` and :func:`fuse_lora`: convert a model in place, and back.
+- :func:`use_fast_layers`: a whole model (plain or mlx-lm) on the fast path:
+  BLAS products, tied output layers, fused attention and SwiGLU.
 
 The trainable adapter tree is MLX's own ``model.trainable_parameters()``.
 
@@ -17,7 +19,16 @@ Example:
     ['layers.0.lora_a', 'layers.0.lora_b']
 """
 
+from metapeft.nn.fast import BLASEmbedding, use_fast_layers
 from metapeft.nn.linear import BLASLinear, use_blas_linear
 from metapeft.nn.lora import LoRALinear, apply_lora, fuse_lora
 
-__all__ = ["BLASLinear", "LoRALinear", "apply_lora", "fuse_lora", "use_blas_linear"]
+__all__ = [
+    "BLASEmbedding",
+    "BLASLinear",
+    "LoRALinear",
+    "apply_lora",
+    "fuse_lora",
+    "use_blas_linear",
+    "use_fast_layers",
+]

@@ -1,0 +1,27 @@
+// cross_entropy(logits, targets): per-row -log softmax(logits)[target], the
+// loss of a classifier or a language model, fused: one pass over the logits.
+#pragma once
+
+#include "common.h"
+
+namespace metapeft {
+
+// logits (..., V) float32/float16/bfloat16, targets (...) of an integer dtype
+// -> (...) float32. A target outside [0, V) gives NaN (the inputs are not
+// read before evaluation). On a GPU stream it is MLX's own ops.
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
+
+class CrossEntropy : public mx::Primitive {
+ public:
+  explicit CrossEntropy(mx::Stream stream) : mx::Primitive(stream) {}
+
+  METAPEFT_PRIMITIVE_OVERRIDES
+  const char* name() const override {
+    return "MetapeftCrossEntropy";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+} // namespace metapeft

@@ -1,0 +1,127 @@
+"""The fast path for a whole model: every layer whose CPU kernel in stock MLX is slow
+swapped, in place, for one on the fused primitives of :mod:`metapeft.ops`.
+
+- ``nn.Linear`` -> :class:`~metapeft.nn.BLASLinear` (BLAS products).
+- ``nn.Embedding`` -> :class:`BLASEmbedding`: the lookup is unchanged, and
+  ``as_linear`` (a tied output layer, as in SmolLM2, Llama 3.2 and Qwen2.5)
+  multiplies on BLAS.
+- The attention and MLP blocks of mlx-lm's Llama-family models (``llama``, which
+  also serves Mistral, ``qwen2`` and ``qwen3``): :func:`metapeft.ops.attention`
+  instead of MLX's CPU fallback of ``mx.fast.scaled_dot_product_attention``, and
+  SwiGLU on :func:`metapeft.ops.sigmoid`. With a KV cache (generation) they run
+  mlx-lm's own code.
+
+Weights are shared with the original layers, never copied; freeze state and
+training mode are carried over, and the model computes the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from metapeft import ops
+from metapeft.nn._modules import bare, carry_state, replace_modules
+from metapeft.nn.linear import use_blas_linear
+
+__all__ = ["BLASEmbedding", "use_fast_layers"]
+
+# mlx-lm model modules whose Attention and MLP classes the fast versions serve.
+_MLX_LM_FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+
+
+class BLASEmbedding(nn.Embedding):
+    """``mlx.nn.Embedding`` whose ``as_linear`` (the tied output layer) runs on
+    :func:`metapeft.ops.linear`; the lookup is MLX's own.
+
+    Example:
+        >>> emb = BLASEmbedding.from_embedding(nn.Embedding(100, 16))
+        >>> emb.as_linear(mx.ones((2, 16))).shape
+        (2, 100)
+    """
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> BLASEmbedding:
+        """A ``BLASEmbedding`` sharing the weight of ``embedding``, with its freeze
+        state and training mode."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(
+                f"embedding must be an mlx.nn.Embedding, got {type(embedding).__name__}"
+            )
+        layer = bare(cls)
+        layer.weight = embedding["weight"]
+        return carry_state(embedding, layer)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return ops.linear(x, self["weight"])
+
+
+def _attention_call(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    """mlx-lm's Llama-family attention, with :func:`metapeft.ops.attention`."""
+    if cache is not None:
+        return super(type(self), self).__call__(x, mask=mask, cache=cache)
+    B, L, _ = x.shape
+    queries = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+    keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+    values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+    if "q_norm" in self:  # qwen3
+        queries, keys = self.q_norm(queries), self.k_norm(keys)
+    queries = self.rope(queries.transpose(0, 2, 1, 3))
+    keys = self.rope(keys.transpose(0, 2, 1, 3))
+    values = values.transpose(0, 2, 1, 3)
+    out = ops.attention(queries, keys, values, scale=self.scale, mask=mask)
+    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _mlp_call(self, x: mx.array) -> mx.array:
+    """mlx-lm's SwiGLU MLP, with :func:`metapeft.ops.sigmoid`."""
+    gate = self.gate_proj(x)
+    return self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x))
+
+
+@functools.cache
+def _fast_class(cls: type) -> type:
+    """A subclass of an mlx-lm Attention or MLP class with the fast ``__call__``."""
+    call = _attention_call if cls.__name__ == "Attention" else _mlp_call
+    return type(f"Fast{cls.__name__}", (cls,), {"__call__": call, "__module__": __name__})
+
+
+def _is_fast_block(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ in _MLX_LM_FAMILIES and cls.__name__ in ("Attention", "MLP")
+
+
+def _fast_block(module: nn.Module) -> nn.Module:
+    """The module as an instance of its fast subclass, sharing every attribute."""
+    fast = bare(_fast_class(type(module)))
+    for key, value in module.items():
+        fast[key] = value
+    fast.__dict__.update({k: v for k, v in module.__dict__.items() if k not in fast.__dict__})
+    return carry_state(module, fast)
+
+
+def use_fast_layers(model: nn.Module) -> nn.Module:
+    """Puts ``model`` on metapeft's fast path, in place: see the module docstring
+    for what is swapped. Layers already fast, quantized layers and modules of
+    other kinds are left alone.
+
+    Args:
+        model: Any MLX module (a plain network, or a model from ``mlx_lm.load``).
+
+    Returns:
+        ``model`` (or its replacement when ``model`` itself is a swapped layer).
+
+    Example:
+        >>> model = use_fast_layers(nn.Sequential(nn.Linear(8, 16), nn.ReLU()))
+        >>> type(model.layers[0]).__name__
+        'BLASLinear'
+    """
+    model = use_blas_linear(model)
+    named = model.named_modules()
+    embeddings = {p for p, m in named if type(m) is nn.Embedding}
+    model = replace_modules(model, BLASEmbedding.from_embedding, embeddings)
+    blocks = {p for p, m in model.named_modules() if _is_fast_block(m)}
+    return replace_modules(model, _fast_block, blocks)

@@ -1,0 +1,272 @@
+"""The fused non-product ops of a language model's step: ``ops.softmax`` (with the
+attention's scale and causal mask), ``ops.cross_entropy``, ``ops.sigmoid``, and
+``ops.attention`` built on them and on ``ops.linear``; each against its pure-MLX
+twin in ``metapeft.reference``."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import (
+    BAD_DTYPES,
+    DTYPES,
+    assert_close,
+    check_compile,
+    check_grads,
+    check_grads_fd,
+    check_jvp,
+    check_raises,
+    check_second_order,
+    check_vmap,
+    dtype_name,
+    layouts,
+    rand,
+    seeds,
+    tol,
+)
+from metapeft import ops, reference
+
+# --------------------------------------------------------------------------- softmax
+
+score_shapes = st.lists(st.integers(1, 7), min_size=2, max_size=4).map(tuple)
+
+
+def softmax_fns(scale, causal):
+    return (
+        lambda x: ops.softmax(x, scale, causal),
+        lambda x: reference.softmax(x, scale, causal),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    shape=score_shapes,
+    scale=st.floats(-3, 3),
+    causal=st.booleans(),
+    layout=layouts,
+    seed=seeds,
+)
+def test_softmax_values_and_grads(dtype, shape, scale, causal, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, shape, dtype, layout) * 4
+    op, ref = softmax_fns(scale, causal)
+    assert_close(op(x), ref(x), dtype, k=shape[-1], label="softmax")
+    check_grads(op, ref, [x], ["x"], rng, k=shape[-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_transforms(causal):
+    rng = np.random.default_rng(0)
+    x = rand(rng, (2, 3, 5, 6))
+    op, ref = softmax_fns(0.7, causal)
+    check_grads_fd(op, [x], ["x"], rng)
+    check_jvp(op, ref, [x], ["x"], rng)
+    check_second_order(op, ref, [x], ["x"], 0, rng)
+    check_compile(op, [x], rng)
+    for axis in (0, 2, 3):
+        check_vmap(op, ref, [rand(rng, (2, 3, 5, 6))], [axis])
+
+
+def test_softmax_masks_causally_with_more_keys_than_queries():
+    x = mx.zeros((2, 5))  # 2 queries aligned to the last of 5 keys
+    expected = np.array([[0.25, 0.25, 0.25, 0.25, 0], [0.2] * 5])
+    assert_close(ops.softmax(x, causal=True), expected, mx.float32)
+    # more queries than keys: the first queries see no key at all
+    assert_close(ops.softmax(mx.zeros((3, 2)), causal=True), [[0, 0], [1, 0], [0.5, 0.5]], None)
+
+
+def test_softmax_extremes():
+    x = mx.array([[-mx.inf, 0.0, 0.0, -mx.inf], [1e4, 0.0, -1e4, 3.0], [0.0, mx.nan, 0.0, 0.0]])
+    out = np.array(ops.softmax(x))
+    assert np.allclose(out[0], [0, 0.5, 0.5, 0]) and np.allclose(out[1], [1, 0, 0, 0])
+    assert np.isnan(out[2]).all()
+
+
+def test_softmax_rejects_bad_input():
+    check_raises(TypeError, lambda: ops.softmax(mx.zeros((2, 3), mx.int32)), ["x"])
+    check_raises(ValueError, lambda: ops.softmax(mx.zeros((3,)), causal=True), ["x"], [(3,)])
+    check_raises(ValueError, lambda: ops.softmax(mx.zeros((3,)), scale=float("nan")), ["scale"])
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    rows=st.lists(st.integers(1, 5), min_size=0, max_size=2).map(tuple),
+    vocab=st.integers(1, 70),
+    layout=layouts,
+    seed=seeds,
+)
+def test_cross_entropy_values_and_grads(dtype, rows, vocab, layout, seed):
+    rng = np.random.default_rng(seed)
+    logits = rand(rng, rows + (vocab,), dtype, layout) * 8
+    targets = mx.array(rng.integers(0, vocab, size=rows), dtype=mx.int32)
+    expected = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    k = vocab
+    assert_close(ops.cross_entropy(logits, targets), expected, mx.float32, k=k, rtol=tol(dtype, k))
+    check_grads(
+        lambda lg: ops.cross_entropy(lg, targets),
+        lambda lg: reference.cross_entropy(lg, targets),
+        [logits],
+        ["logits"],
+        rng,
+        k=k,
+    )
+
+
+def test_cross_entropy_transforms():
+    rng = np.random.default_rng(1)
+    logits = rand(rng, (3, 4, 9)) * 3
+    targets = mx.array(rng.integers(0, 9, size=(3, 4)))
+    op = lambda lg: ops.cross_entropy(lg, targets)  # noqa: E731
+    ref = lambda lg: reference.cross_entropy(lg, targets)  # noqa: E731
+    check_grads_fd(op, [logits], ["logits"], rng)
+    check_jvp(op, ref, [logits], ["logits"], rng)
+    check_second_order(op, ref, [logits], ["logits"], 0, rng)
+    check_compile(op, [logits], rng)
+    for lg_axis, tg_axis in [(0, 0), (2, 1), (0, None), (None, 1)]:
+        lg = (
+            rand(rng, (4, 9))
+            if lg_axis is None
+            else mx.stack([rand(rng, (4, 9)) for _ in range(3)], lg_axis)
+        )
+        tg = mx.array(rng.integers(0, 9, size=(4,) if tg_axis is None else (3, 4)))
+        if tg_axis == 1:
+            tg = tg.T
+        check_vmap(ops.cross_entropy, reference.cross_entropy, [lg, tg], [lg_axis, tg_axis])
+
+
+@pytest.mark.parametrize("dtype", [mx.int8, mx.uint16, mx.int64])
+def test_cross_entropy_takes_any_integer_targets(dtype):
+    logits = mx.array([[0.0, 1.0, 2.0]])
+    expected = reference.cross_entropy(logits, mx.array([2]))
+    assert_close(ops.cross_entropy(logits, mx.array([2], dtype=dtype)), expected, mx.float32)
+
+
+def test_cross_entropy_out_of_range_targets_give_nan():
+    out = ops.cross_entropy(mx.zeros((3, 4)), mx.array([-1, 4, 2]))
+    assert np.isnan(np.array(out[:2])).all() and np.isfinite(out[2].item())
+
+
+def test_cross_entropy_rejects_bad_input():
+    lg = mx.zeros((2, 5))
+    check_raises(TypeError, lambda: ops.cross_entropy(lg, mx.zeros((2,))), ["targets"])
+    check_raises(
+        TypeError, lambda: ops.cross_entropy(lg.astype(mx.int32), mx.zeros(2, mx.int32)), ["logits"]
+    )
+    check_raises(
+        ValueError, lambda: ops.cross_entropy(lg, mx.zeros((3,), mx.int32)), ["targets"], [(2,)]
+    )
+
+
+# --------------------------------------------------------------------------- sigmoid
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple),
+    layout=layouts,
+    seed=seeds,
+)
+def test_sigmoid_values_and_grads(dtype, shape, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, shape, dtype, layout) * 20
+    assert_close(ops.sigmoid(x), reference.sigmoid(x), dtype)
+    check_grads(ops.sigmoid, reference.sigmoid, [x], ["x"], rng)
+
+
+def test_sigmoid_transforms_and_extremes():
+    rng = np.random.default_rng(2)
+    x = rand(rng, (4, 33)) * 6
+    check_grads_fd(ops.sigmoid, [x], ["x"], rng)
+    check_jvp(ops.sigmoid, reference.sigmoid, [x], ["x"], rng)
+    check_second_order(ops.sigmoid, reference.sigmoid, [x], ["x"], 0, rng)
+    check_compile(ops.sigmoid, [x], rng)
+    check_vmap(ops.sigmoid, reference.sigmoid, [rand(rng, (4, 3, 5))], [1])
+    out = np.array(ops.sigmoid(mx.array([-mx.inf, mx.inf, -200.0, 200.0, 0.0, mx.nan])))
+    assert np.array_equal(out[:5], [0, 1, 0, 1, 0.5]) and np.isnan(out[5])
+    for bad in BAD_DTYPES:
+        check_raises(TypeError, lambda bad=bad: ops.sigmoid(mx.zeros((2,), bad)), ["x"])
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@st.composite
+def attention_shapes(draw):
+    kv = draw(st.integers(1, 3))
+    return (
+        draw(st.integers(1, 3)),  # B
+        kv * draw(st.integers(1, 3)),  # heads
+        kv,
+        draw(st.integers(1, 6)),  # L
+        draw(st.integers(0, 3)),  # S - L
+        draw(st.integers(1, 9)),  # D
+    )
+
+
+def attention_args(rng, shape, dtype=mx.float32):
+    B, H, KV, L, extra, D = shape
+    S = L + extra
+    return [
+        rand(rng, (B, H, L, D), dtype),
+        rand(rng, (B, KV, S, D), dtype),
+        rand(rng, (B, KV, S, D), dtype),
+    ]
+
+
+def attention_fns(mask):
+    return (
+        lambda q, k, v: ops.attention(q, k, v, 0.4, mask),
+        lambda q, k, v: reference.attention(q, k, v, 0.4, mask),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    shape=attention_shapes(), mask_kind=st.sampled_from([None, "causal", "bool", "add"]), seed=seeds
+)
+def test_attention_against_mlx_sdpa(dtype, shape, mask_kind, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = attention_args(rng, shape, dtype)
+    L, S = q.shape[2], k.shape[2]
+    mask = mask_kind
+    if mask_kind == "bool":
+        mask = mx.array(rng.random((L, S)) < 0.7) | (mx.arange(S) == 0)
+    elif mask_kind == "add":
+        mask = rand(rng, (L, S), dtype)
+    op, ref = attention_fns(mask)
+    k_len = S * shape[-1]
+    assert_close(op(q, k, v), ref(q, k, v), dtype, k=k_len, label="attention")
+    check_grads(op, ref, [q, k, v], ["queries", "keys", "values"], rng, k=k_len)
+
+
+def test_attention_transforms():
+    rng = np.random.default_rng(3)
+    args = attention_args(rng, (2, 4, 2, 3, 1, 5))
+    names = ["queries", "keys", "values"]
+    op, ref = attention_fns("causal")
+    check_grads_fd(op, args, names, rng)
+    check_jvp(op, ref, args, names, rng)
+    check_second_order(op, ref, args, names, 0, rng)
+    check_compile(op, args, rng)
+    for in_axes in [(0, None, None), (0, 0, 0), (None, 1, 1)]:
+        batched_args = [
+            rand(rng, a.shape[:ax] + (3,) + a.shape[ax:]) if ax is not None else a
+            for a, ax in zip(args, in_axes, strict=True)
+        ]
+        check_vmap(op, ref, batched_args, list(in_axes))
+
+
+def test_attention_rejects_bad_input():
+    q, kv = mx.zeros((1, 3, 4, 8)), mx.zeros((1, 2, 4, 8))
+    check_raises(ValueError, lambda: ops.attention(q, kv, kv, 0.1), ["n_heads", "n_kv_heads"])
+    q = mx.zeros((1, 4, 4, 8))
+    check_raises(ValueError, lambda: ops.attention(q[0], kv, kv, 0.1), ["queries"])
+    check_raises(ValueError, lambda: ops.attention(q, kv[..., :4], kv, 0.1), ["keys"])
+    check_raises(ValueError, lambda: ops.attention(q, kv, kv, 0.1, mask="window"), ["mask"])
+    check_raises(ValueError, lambda: ops.attention(q, kv, kv, float("inf")), ["scale"])
