@@ -12,6 +12,8 @@
 #include "linear/linear.h"
 #include "lora_linear/lora_linear.h"
 #include "reptile_update/reptile_update.h"
+#include "rms_norm/rms_norm.h"
+#include "rope/rope.h"
 #include "sigmoid/sigmoid.h"
 #include "softmax/softmax.h"
 #include "task_sgd/task_sgd.h"
@@ -238,4 +240,27 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def("sigmoid", &metapeft::sigmoid, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+
+  m.def(
+      "rms_norm",
+      &metapeft::rms_norm,
+      "x"_a,
+      "weight"_a,
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "rope",
+      &metapeft::rope,
+      "x"_a,
+      "dims"_a,
+      nb::kw_only(),
+      "traditional"_a,
+      "base"_a,
+      "scale"_a,
+      "offset"_a,
+      "freqs"_a = nb::none(),
+      "inverse"_a = false,
+      "stream"_a = nb::none());
 }

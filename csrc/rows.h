@@ -128,24 +128,37 @@ METAPEFT_INLINE float exp_sum(const float* x, float* y, int64_t n, float scale, 
   return sum;
 }
 
-// Calls f(begin, end) over row ranges covering [0, rows), on the calling thread
-// and the workers, in chunks of about 16k elements (rows of `row_size`).
-template <typename F>
-void for_rows(int64_t rows, int64_t row_size, F f) {
+// How many chunks for_row_chunks splits `rows` rows of `row_size` elements into:
+// about 16k elements each, at most 0xffff, and 1 on a single CPU.
+inline int64_t row_chunk_count(int64_t rows, int64_t row_size) {
   constexpr int64_t kChunkElements = 1 << 14;
   int64_t per_chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(row_size, 1));
   int64_t chunks = std::min<int64_t>((rows + per_chunk - 1) / per_chunk, 0xffff);
-  if (cpu_threads() == 1 || chunks <= 1) {
-    f(int64_t{0}, rows);
+  return (cpu_threads() == 1 || chunks <= 1) ? 1 : chunks;
+}
+
+// Calls f(chunk, begin, end) for the row_chunk_count() chunks covering [0, rows),
+// on the calling thread and the workers.
+template <typename F>
+void for_row_chunks(int64_t rows, int64_t row_size, F f) {
+  int64_t chunks = row_chunk_count(rows, row_size);
+  if (chunks == 1) {
+    f(int64_t{0}, int64_t{0}, rows);
     return;
   }
   int64_t step = (rows + chunks - 1) / chunks;
   run_chunks(static_cast<int>(chunks), [&](int c) {
     int64_t begin = c * step, end = std::min(rows, begin + step);
     if (begin < end) {
-      f(begin, end);
+      f(int64_t{c}, begin, end);
     }
   });
+}
+
+// for_row_chunks without the chunk index: f(begin, end).
+template <typename F>
+void for_rows(int64_t rows, int64_t row_size, F f) {
+  for_row_chunks(rows, row_size, [&](int64_t, int64_t begin, int64_t end) { f(begin, end); });
 }
 
 } // namespace metapeft

@@ -27,6 +27,8 @@ __all__ = [
     "linear",
     "lora_linear",
     "reptile_update",
+    "rms_norm",
+    "rope",
     "sigmoid",
     "softmax",
     "task_sgd",
@@ -220,6 +222,68 @@ def sigmoid(x: mx.array, *, stream: Stream = None) -> mx.array:
         0.5
     """
     return _ext.sigmoid(x, stream=stream)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float, *, stream: Stream = None) -> mx.array:
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last axis, as
+    ``mx.fast.rms_norm``, fused and multithreaded in both directions.
+
+    Args:
+        x: ``(..., D)``.
+        weight: ``(D,)``.
+        eps: Finite float ``>= 0``.
+        stream: Stream or device to run on; default stream if None.
+
+    Returns:
+        Array like ``x``, of the dtype MLX promotes ``x`` and ``weight`` to.
+
+    Example:
+        >>> rms_norm(mx.array([[3.0, 4.0]]), mx.ones(2), 0.0)[0, 1].item()
+        1.1313708...
+    """
+    _check_finite("eps", eps)
+    return _ext.rms_norm(x, weight, float(eps), stream=stream)
+
+
+def rope(
+    x: mx.array,
+    dims: int,
+    *,
+    traditional: bool,
+    base: float | None,
+    scale: float,
+    offset: int,
+    freqs: mx.array | None = None,
+    stream: Stream = None,
+) -> mx.array:
+    """Rotary position embeddings, as ``mx.fast.rope`` with an integer ``offset``.
+
+    Position ``offset + l`` of axis -2 rotates the first ``dims`` features by the
+    angles ``(offset + l) * scale / period_i``, where ``period_i = base ** (2i / dims)``
+    or ``freqs[i]``; the other features pass through. ``traditional`` pairs
+    features ``(2i, 2i + 1)``, else ``(i, i + dims / 2)``. The gradient (with
+    respect to ``x``) is the opposite rotation.
+
+    Example:
+        >>> x = mx.ones((1, 2, 4))
+        >>> rope(x, 4, traditional=False, base=10000.0, scale=1.0, offset=0).shape
+        (1, 2, 4)
+    """
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    _check_finite("scale", scale)
+    if base is not None:
+        _check_finite("base", base)
+    return _ext.rope(
+        x,
+        int(dims),
+        traditional=bool(traditional),
+        base=None if base is None else float(base),
+        scale=float(scale),
+        offset=offset,
+        freqs=freqs,
+        stream=stream,
+    )
 
 
 def attention(

@@ -94,6 +94,42 @@ def sigmoid(x: mx.array) -> mx.array:
     return mx.sigmoid(x.astype(mx.float32)).astype(x.dtype)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """``x / sqrt(mean(x**2) + eps) * weight`` in float32, in the promoted dtype."""
+    x32 = x.astype(mx.float32)
+    out = x32 * mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + eps)
+    return (out * weight.astype(mx.float32)).astype(mx.result_type(x, weight))
+
+
+def rope(
+    x: mx.array,
+    dims: int,
+    *,
+    traditional: bool,
+    base: float | None,
+    scale: float,
+    offset: int,
+    freqs: mx.array | None = None,
+) -> mx.array:
+    """Rotary embeddings written out: angles ``(offset + l) * scale / period_i``."""
+    half = dims // 2
+    if freqs is None:
+        periods = base ** (mx.arange(half, dtype=mx.float32) / half)
+    else:
+        periods = freqs.astype(mx.float32)
+    angles = (mx.arange(x.shape[-2], dtype=mx.float32)[:, None] + offset) * scale / periods
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    x32 = x.astype(mx.float32)
+    if traditional:
+        a, b = x32[..., 0:dims:2], x32[..., 1:dims:2]
+        rotated = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        rotated = rotated.reshape(*x.shape[:-1], dims)
+    else:
+        a, b = x32[..., :half], x32[..., half:dims]
+        rotated = mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return mx.concatenate([rotated, x32[..., dims:]], axis=-1).astype(x.dtype)
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,

@@ -54,10 +54,15 @@ def stock_loss(model, x, y):
 
 
 def assert_trees_close(a, b, atol):
+    """Leaf by leaf, to ``atol`` or 1e-4 of the leaf's largest magnitude (float32 sums
+    in another order), whichever is larger."""
     fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
-        np.testing.assert_allclose(np.array(fa[k]), np.array(fb[k]), atol=atol, err_msg=k)
+        leaf_atol = max(atol, 1e-4 * float(mx.abs(fb[k]).max()))
+        np.testing.assert_allclose(
+            np.array(fa[k]), np.array(fb[k]), rtol=1e-4, atol=leaf_atol, err_msg=k
+        )
 
 
 @pytest.mark.parametrize("arch", [*FAST_FAMILIES, "mistral", "phi3", "llama-q4"])
@@ -82,6 +87,8 @@ def test_the_fast_blocks_are_used_and_share_the_weights(models, arch):
     block = model.layers[0]
     assert type(block.self_attn).__name__ == "FastAttention"
     assert type(block.mlp).__name__ == "FastMLP"
+    assert type(block.input_layernorm).__name__ == "FastRMSNorm"
+    assert type(block.self_attn.rope).__name__ == "FastRoPE"
     assert isinstance(block.self_attn.q_proj, BLASLinear)
     assert isinstance(model.model.embed_tokens, BLASEmbedding)
     after = dict(tree_flatten(model.parameters()))
@@ -161,3 +168,43 @@ def test_lm_loss_matches_mlx_cross_entropy_with_masking():
     expected = (nn.losses.cross_entropy(logits, mx.where(mask, y, 0)) * mask).sum() / mask.sum()
     assert lm_loss(Fixed(), None, y).item() == pytest.approx(expected.item(), rel=1e-6)
     assert ops.cross_entropy(logits, mx.where(mask, y, 0)).dtype == mx.float32
+
+
+def test_llama3_rope_scaling_equals_the_stock_rope():
+    """Llama 3.1/3.2 configs scale RoPE's frequencies (mlx-lm's Llama3RoPE)."""
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs.from_dict(
+        dict(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=50,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
+    stock = llama.Model(args)
+    mx.eval(stock.parameters())
+    fast = llama.Model(args)
+    fast.update(stock.parameters())
+    use_fast_layers(fast)
+    assert type(fast.layers[0].self_attn.rope).__name__ == "FastLlama3RoPE"
+    q = mx.random.normal((1, 4, 9, 16))
+    for offset in (0, 5):
+        expected = stock.layers[0].self_attn.rope(q, offset=offset)
+        got = fast.layers[0].self_attn.rope(q, offset=offset)
+        np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-5)
+    x, _ = tokens()
+    np.testing.assert_allclose(np.array(fast(x)), np.array(stock(x)), atol=2e-4)

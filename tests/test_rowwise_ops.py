@@ -3,6 +3,8 @@ attention's scale and causal mask), ``ops.cross_entropy``, ``ops.sigmoid``, and
 ``ops.attention`` built on them and on ``ops.linear``; each against its pure-MLX
 twin in ``metapeft.reference``."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -270,3 +272,125 @@ def test_attention_rejects_bad_input():
     check_raises(ValueError, lambda: ops.attention(q, kv[..., :4], kv, 0.1), ["keys"])
     check_raises(ValueError, lambda: ops.attention(q, kv, kv, 0.1, mask="window"), ["mask"])
     check_raises(ValueError, lambda: ops.attention(q, kv, kv, float("inf")), ["scale"])
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+    w_dtype=st.sampled_from(DTYPES),
+    layout=layouts,
+    seed=seeds,
+)
+def test_rms_norm_values_and_grads(dtype, shape, w_dtype, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, shape, dtype, layout) * 3
+    w = rand(rng, shape[-1:], w_dtype)
+    out_dtype = mx.result_type(x, w)
+    expected = mx.fast.rms_norm(x, w, 1e-5)
+    assert_close(ops.rms_norm(x, w, 1e-5), expected, out_dtype, k=shape[-1])
+    check_grads(
+        lambda x, w: ops.rms_norm(x, w, 1e-5),
+        lambda x, w: reference.rms_norm(x, w, 1e-5),
+        [x, w],
+        ["x", "weight"],
+        rng,
+        k=math.prod(shape),
+    )
+
+
+def test_rms_norm_transforms():
+    rng = np.random.default_rng(4)
+    args = [rand(rng, (3, 4, 10)), rand(rng, (10,))]
+    op = lambda x, w: ops.rms_norm(x, w, 1e-3)  # noqa: E731
+    ref = lambda x, w: reference.rms_norm(x, w, 1e-3)  # noqa: E731
+    check_grads_fd(op, args, ["x", "weight"], rng)
+    check_jvp(op, ref, args, ["x", "weight"], rng)
+    check_second_order(op, ref, args, ["x", "weight"], 0, rng)
+    check_second_order(op, ref, args, ["x", "weight"], 1, rng)
+    check_compile(op, args, rng)
+    for in_axes in [(0, None), (2, None), (1, 0), (None, 0)]:
+        x = (
+            rand(rng, (3, 4, 10))
+            if in_axes[0] is None
+            else rand(rng, (3, 4, 10)[: in_axes[0]] + (5,) + (3, 4, 10)[in_axes[0] :])
+        )
+        w = rand(rng, (10,)) if in_axes[1] is None else rand(rng, (5, 10))
+        check_vmap(op, ref, [x, w], list(in_axes), k=10)
+        # the gradients under vmap: the weight's summed per mapped entry
+        grad = mx.grad(lambda x, w: (op(x, w) ** 2).sum(), argnums=(0, 1))
+        grad_ref = mx.grad(lambda x, w: (ref(x, w) ** 2).sum(), argnums=(0, 1))
+        got = mx.vmap(grad, in_axes=in_axes)(x, w)
+        expected = mx.vmap(grad_ref, in_axes=in_axes)(x, w)
+        for g, e in zip(got, expected, strict=True):
+            assert_close(g, e, mx.float32, k=40)
+
+
+def test_rms_norm_rejects_bad_input():
+    x = mx.zeros((2, 5))
+    check_raises(ValueError, lambda: ops.rms_norm(x, mx.ones((4,)), 1e-5), ["weight"], [(4,)])
+    check_raises(TypeError, lambda: ops.rms_norm(x.astype(mx.int32), mx.ones((5,)), 1e-5), ["x"])
+    check_raises(ValueError, lambda: ops.rms_norm(x, mx.ones((5,)), float("nan")), ["eps"])
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=2).map(tuple),
+    length=st.integers(1, 9),
+    half=st.integers(1, 6),
+    extra=st.integers(0, 3),
+    traditional=st.booleans(),
+    offset=st.integers(0, 50),
+    use_freqs=st.booleans(),
+    seed=seeds,
+)
+def test_rope_against_mlx(dtype, lead, length, half, extra, traditional, offset, use_freqs, seed):
+    rng = np.random.default_rng(seed)
+    dims = 2 * half
+    x = rand(rng, lead + (length, dims + extra), dtype)
+    kw = dict(traditional=traditional, scale=0.7, offset=offset)
+    if use_freqs:
+        kw.update(base=None, freqs=mx.array(rng.uniform(1, 1000, size=half).astype(np.float32)))
+    else:
+        kw.update(base=10000.0)
+    expected = mx.fast.rope(x, dims, **kw)
+    assert_close(ops.rope(x, dims, **kw), expected, dtype, k=4)
+    assert_close(reference.rope(x, dims, **kw), expected, dtype, k=4, label="reference")
+    check_grads(
+        lambda x: ops.rope(x, dims, **kw), lambda x: reference.rope(x, dims, **kw), [x], ["x"], rng
+    )
+
+
+def test_rope_transforms():
+    rng = np.random.default_rng(5)
+    x = rand(rng, (2, 3, 5, 8))
+    kw = dict(traditional=False, base=100.0, scale=1.0, offset=2)
+    op = lambda x: ops.rope(x, 6, **kw)  # noqa: E731
+    ref = lambda x: reference.rope(x, 6, **kw)  # noqa: E731
+    check_grads_fd(op, [x], ["x"], rng)
+    check_jvp(op, ref, [x], ["x"], rng)
+    check_second_order(op, ref, [x], ["x"], 0, rng)
+    check_compile(op, [x], rng)
+    for axis in (0, 1):
+        check_vmap(op, ref, [rand(rng, (4, 3, 5, 8) if axis == 0 else (2, 4, 5, 8))], [axis])
+
+
+def test_rope_rejects_bad_input():
+    x = mx.zeros((2, 3, 8))
+    kw = dict(traditional=False, scale=1.0, offset=0)
+    check_raises(ValueError, lambda: ops.rope(x, 5, base=1e4, **kw), ["dims"])
+    check_raises(ValueError, lambda: ops.rope(x, 10, base=1e4, **kw), ["dims"])
+    check_raises(ValueError, lambda: ops.rope(x, 8, base=None, **kw), ["base", "freqs"])
+    check_raises(
+        ValueError, lambda: ops.rope(x, 8, base=None, freqs=mx.ones((3,)), **kw), ["freqs"], [(3,)]
+    )
+    check_raises(
+        TypeError,
+        lambda: ops.rope(x, 8, base=1e4, traditional=False, scale=1.0, offset=mx.array(1)),
+        ["offset"],
+    )

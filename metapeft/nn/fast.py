@@ -5,6 +5,9 @@ swapped, in place, for one on the fused primitives of :mod:`metapeft.ops`.
 - ``nn.Embedding`` -> :class:`BLASEmbedding`: the lookup is unchanged, and
   ``as_linear`` (a tied output layer, as in SmolLM2, Llama 3.2 and Qwen2.5)
   multiplies on BLAS.
+- ``nn.RMSNorm`` -> :func:`metapeft.ops.rms_norm`; ``nn.RoPE`` and mlx-lm's
+  ``Llama3RoPE`` -> :func:`metapeft.ops.rope` (an array offset, as a KV cache
+  passes, runs MLX's own).
 - The attention and MLP blocks of mlx-lm's Llama-family models (``llama``, which
   also serves Mistral, ``qwen2`` and ``qwen3``): :func:`metapeft.ops.attention`
   instead of MLX's CPU fallback of ``mx.fast.scaled_dot_product_attention``, and
@@ -82,16 +85,56 @@ def _mlp_call(self, x: mx.array) -> mx.array:
     return self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x))
 
 
+def _rms_norm_call(self, x: mx.array) -> mx.array:
+    return ops.rms_norm(x, self["weight"], self.eps)
+
+
+def _rope_call(self, x: mx.array, offset: Any = 0) -> mx.array:
+    if not isinstance(offset, int):
+        return super(type(self), self).__call__(x, offset)
+    if "_freqs" in self:  # mlx-lm's Llama3RoPE
+        return ops.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self["_freqs"],
+        )
+    return ops.rope(
+        x,
+        self.dims,
+        traditional=self.traditional,
+        base=self.base,
+        scale=self.scale,
+        offset=offset,
+    )
+
+
+# (module of the class, class name) -> the fast ``__call__``: the layers, then the
+# blocks that hold them (swapped in that order, each pass over the updated model).
+_LAYER_CALLS: dict[tuple[str, str], Any] = {
+    ("mlx.nn.layers.normalization", "RMSNorm"): _rms_norm_call,
+    ("mlx.nn.layers.positional_encoding", "RoPE"): _rope_call,
+    ("mlx_lm.models.rope_utils", "Llama3RoPE"): _rope_call,
+}
+_BLOCK_CALLS: dict[tuple[str, str], Any] = {
+    **{(family, "Attention"): _attention_call for family in _MLX_LM_FAMILIES},
+    **{(family, "MLP"): _mlp_call for family in _MLX_LM_FAMILIES},
+}
+_FAST_CALLS = {**_LAYER_CALLS, **_BLOCK_CALLS}
+
+
 @functools.cache
 def _fast_class(cls: type) -> type:
-    """A subclass of an mlx-lm Attention or MLP class with the fast ``__call__``."""
-    call = _attention_call if cls.__name__ == "Attention" else _mlp_call
+    """A subclass of ``cls`` whose ``__call__`` is the fast one."""
+    call = _FAST_CALLS[(cls.__module__, cls.__name__)]
     return type(f"Fast{cls.__name__}", (cls,), {"__call__": call, "__module__": __name__})
 
 
-def _is_fast_block(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__module__ in _MLX_LM_FAMILIES and cls.__name__ in ("Attention", "MLP")
+def _class_key(module: nn.Module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__name__
 
 
 def _fast_block(module: nn.Module) -> nn.Module:
@@ -123,5 +166,7 @@ def use_fast_layers(model: nn.Module) -> nn.Module:
     named = model.named_modules()
     embeddings = {p for p, m in named if type(m) is nn.Embedding}
     model = replace_modules(model, BLASEmbedding.from_embedding, embeddings)
-    blocks = {p for p, m in model.named_modules() if _is_fast_block(m)}
-    return replace_modules(model, _fast_block, blocks)
+    for calls in (_LAYER_CALLS, _BLOCK_CALLS):
+        paths = {p for p, m in model.named_modules() if _class_key(m) in calls}
+        model = replace_modules(model, _fast_block, paths)
+    return model
