@@ -16,6 +16,7 @@
 #include "rope/rope.h"
 #include "sigmoid/sigmoid.h"
 #include "softmax/softmax.h"
+#include "swiglu/swiglu.h"
 #include "task_sgd/task_sgd.h"
 
 namespace nb = nanobind;
@@ -240,6 +241,8 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def("sigmoid", &metapeft::sigmoid, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+
+  m.def("swiglu", &metapeft::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none());
 
   m.def(
       "rms_norm",

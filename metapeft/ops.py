@@ -31,6 +31,7 @@ __all__ = [
     "rope",
     "sigmoid",
     "softmax",
+    "swiglu",
     "task_sgd",
 ]
 
@@ -284,6 +285,27 @@ def rope(
         freqs=freqs,
         stream=stream,
     )
+
+
+def swiglu(gate: mx.array, up: mx.array, *, stream: Stream = None) -> mx.array:
+    """SwiGLU, ``silu(gate) * up``, fused: the activation of Llama-family MLPs.
+
+    The backward pass is one fused kernel that needs only ``gate`` and ``up``, so a
+    layer keeps two arrays for it where the composed ops keep four.
+
+    Args:
+        gate: Any shape, float32, float16 or bfloat16.
+        up: The shape of ``gate``.
+        stream: Stream or device to run on; default stream if None.
+
+    Returns:
+        Array like ``gate``, of the dtype MLX promotes the two to.
+
+    Example:
+        >>> swiglu(mx.array([0.0, 1.0]), mx.array([2.0, 2.0]))[1].item()
+        1.4621...
+    """
+    return _ext.swiglu(gate, up, stream=stream)
 
 
 def attention(

@@ -130,6 +130,12 @@ def rope(
     return mx.concatenate([rotated, x32[..., dims:]], axis=-1).astype(x.dtype)
 
 
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up`` in float32, in the promoted dtype."""
+    g = gate.astype(mx.float32)
+    return (g * mx.sigmoid(g) * up.astype(mx.float32)).astype(mx.result_type(gate, up))
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,

@@ -394,3 +394,49 @@ def test_rope_rejects_bad_input():
         lambda: ops.rope(x, 8, base=1e4, traditional=False, scale=1.0, offset=mx.array(1)),
         ["offset"],
     )
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple),
+    up_dtype=st.sampled_from(DTYPES),
+    layout=layouts,
+    seed=seeds,
+)
+def test_swiglu_values_and_grads(dtype, shape, up_dtype, layout, seed):
+    rng = np.random.default_rng(seed)
+    gate = rand(rng, shape, dtype, layout) * 6
+    up = rand(rng, shape, up_dtype)
+    assert_close(ops.swiglu(gate, up), reference.swiglu(gate, up), mx.result_type(gate, up))
+    check_grads(ops.swiglu, reference.swiglu, [gate, up], ["gate", "up"], rng)
+
+
+def test_swiglu_transforms():
+    rng = np.random.default_rng(6)
+    args = [rand(rng, (3, 17)) * 4, rand(rng, (3, 17))]
+    names = ["gate", "up"]
+    check_grads_fd(ops.swiglu, args, names, rng)
+    check_jvp(ops.swiglu, reference.swiglu, args, names, rng)
+    for inner in (0, 1):
+        check_second_order(ops.swiglu, reference.swiglu, args, names, inner, rng)
+    check_compile(ops.swiglu, args, rng)
+    for in_axes in [(0, 0), (1, None), (None, 0)]:
+        batched_args = [
+            rand(rng, (3, 17)[:ax] + (4,) + (3, 17)[ax:]) if ax is not None else a
+            for a, ax in zip(args, in_axes, strict=True)
+        ]
+        check_vmap(ops.swiglu, reference.swiglu, batched_args, list(in_axes))
+        grad = mx.grad(lambda g, u: (ops.swiglu(g, u) ** 2).sum(), argnums=(0, 1))
+        grad_ref = mx.grad(lambda g, u: (reference.swiglu(g, u) ** 2).sum(), argnums=(0, 1))
+        got = mx.vmap(grad, in_axes=in_axes)(*batched_args)
+        expected = mx.vmap(grad_ref, in_axes=in_axes)(*batched_args)
+        for g, e in zip(got, expected, strict=True):
+            assert_close(g, e, mx.float32)
+
+
+def test_swiglu_rejects_bad_input():
+    check_raises(ValueError, lambda: ops.swiglu(mx.zeros((2, 3)), mx.zeros((3,))), ["gate", "up"])
+    check_raises(TypeError, lambda: ops.swiglu(mx.zeros((2,), mx.int32), mx.zeros((2,))), ["gate"])

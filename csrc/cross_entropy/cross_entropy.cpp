@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/transforms.h"
 #include "rows.h"
 #include "softmax/softmax.h"
 
@@ -43,6 +44,44 @@ void loss_rows(
     loss[r] = (target >= 0 && target < V) ? lse - xr[target]
                                           : std::numeric_limits<float>::quiet_NaN();
   }
+}
+
+// d[r] = (softmax(x[r]) - onehot(t[r])) * g[r]; d may be x (in place).
+METAPEFT_SIMD_CLONES
+void grad_rows(
+    const float* x,
+    const int32_t* t,
+    const float* g,
+    float* d,
+    int64_t begin,
+    int64_t end,
+    int64_t V) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* xr = x + r * V;
+    float* dr = d + r * V;
+    float m = scaled_max(xr, V, 1.0f);
+    float sum = exp_sum(xr, nullptr, V, 1.0f, m);
+    float shift = m + std::log(sum);
+    float gr = g[r];
+    for (int64_t j = 0; j < V; j += kLanes) {
+      int64_t left = V - j;
+      store(dr + j, vec_exp(load(xr + j, left, 0.0f) - shift) * gr, left);
+    }
+    int32_t target = t[r];
+    if (target >= 0 && target < V) {
+      dr[target] -= gr;
+    }
+  }
+}
+
+// (softmax(logits) - onehot(targets)) * g with MLX ops: what CrossEntropyGrad's
+// derivatives are taken from.
+mx::array stock_grad(const mx::array& logits, const mx::array& targets, const mx::array& g, mx::Stream s) {
+  auto gf = mx::expand_dims(mx::astype(g, mx::float32, s), -1, s);
+  auto p = softmax(mx::astype(logits, mx::float32, s), 1.0f, false, s);
+  auto d = mx::multiply(p, gf, s);
+  d = mx::scatter_add_axis(d, target_index(targets, logits.shape(-1), s), mx::negative(gf, s), -1, s);
+  return mx::astype(d, logits.dtype(), s);
 }
 
 } // namespace
@@ -132,12 +171,9 @@ std::vector<mx::array> CrossEntropy::vjp(
       grads.push_back(mx::zeros_like(targets, s));
       continue;
     }
-    // (softmax(logits) - onehot(target)) * g
-    auto g = mx::expand_dims(mx::astype(cotangents[0], mx::float32, s), -1, s);
-    auto p = metapeft::softmax(mx::astype(logits, mx::float32, s), 1.0f, false, s);
-    auto d = mx::multiply(p, g, s);
-    d = mx::scatter_add_axis(d, target_index(targets, logits.shape(-1), s), mx::negative(g, s), -1, s);
-    grads.push_back(mx::astype(d, logits.dtype(), s));
+    auto g = mx::astype(cotangents[0], mx::float32, s);
+    grads.push_back(mx::array(
+        logits.shape(), logits.dtype(), std::make_shared<CrossEntropyGrad>(s), {logits, targets, g}));
   }
   return grads;
 }
@@ -166,6 +202,100 @@ std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropy::vmap(
   auto s = stream();
   int V = vmap_size(inputs, axes);
   return {{cross_entropy(to_front(inputs[0], axes[0], V, s), to_front(inputs[1], axes[1], V, s), s)},
+          {0}};
+}
+
+} // namespace metapeft
+
+namespace metapeft {
+
+void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& logits = inputs[0];
+  auto& out = outputs[0];
+  // In place when MLX allows it: the kernel reads a row before writing it.
+  donate_or_allocate(logits, out);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+  if (out.size() == 0) {
+    return;
+  }
+  int64_t V = logits.shape(-1);
+  int64_t rows = out.size() / V;
+  encoder.dispatch([lo = operand(logits),
+                    to = operand(inputs[1]),
+                    go = operand(inputs[2]),
+                    out_ptr = out.data<void>(),
+                    dtype = out.dtype(),
+                    rows,
+                    V]() {
+    std::vector<float> sx, sg, so;
+    const float* xp = dense_float(lo, sx);
+    const float* gp = dense_float(go, sg);
+    auto tp = static_cast<const int32_t*>(to.ptr);
+    float* dp = float_output(out_ptr, dtype, rows * V, so);
+    for_rows(rows, V, [&](int64_t begin, int64_t end) {
+      grad_rows(xp, tp, gp, dp, begin, end, V);
+    });
+    store_float_output(so, out_ptr, dtype);
+  });
+}
+
+void CrossEntropyGrad::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[metapeft.cross_entropy] has no Metal kernel");
+}
+
+std::vector<mx::Shape> CrossEntropyGrad::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+std::vector<mx::array> CrossEntropyGrad::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto s = stream();
+  auto targets = primals[1];
+  auto fn = [targets, s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{stock_grad(in[0], targets, in[1], s)};
+  };
+  auto grads = mx::vjp(fn, {primals[0], primals[2]}, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(arg == 0 ? grads[0] : arg == 2 ? grads[1] : mx::zeros_like(targets, s));
+  }
+  return out;
+}
+
+std::vector<mx::array> CrossEntropyGrad::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  auto s = stream();
+  auto targets = primals[1];
+  std::vector<mx::array> t = {mx::zeros_like(primals[0], s), mx::zeros_like(primals[2], s)};
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    if (argnums[i] != 1) {
+      t[argnums[i] == 0 ? 0 : 1] = tangents[i];
+    }
+  }
+  auto fn = [targets, s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{stock_grad(in[0], targets, in[1], s)};
+  };
+  return mx::jvp(fn, {primals[0], primals[2]}, t).second;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyGrad::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  int V = vmap_size(inputs, axes);
+  auto logits = to_front(inputs[0], axes[0], V, s);
+  auto targets = mx::contiguous(to_front(inputs[1], axes[1], V, s), false, s);
+  auto g = to_front(inputs[2], axes[2], V, s);
+  return {{mx::array(logits.shape(), logits.dtype(), std::make_shared<CrossEntropyGrad>(s), {logits, targets, g})},
           {0}};
 }
 

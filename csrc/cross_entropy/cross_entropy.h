@@ -24,4 +24,22 @@ class CrossEntropy : public mx::Primitive {
   }
 };
 
+// The gradient of <g, cross_entropy(logits, targets)> with respect to the logits,
+// (softmax(logits) - onehot(targets)) * g, in one pass: inputs {logits, targets,
+// g}. It takes over the logits' buffer when nothing else needs them, so the
+// backward pass of a language model's loss holds one (rows, V) array, not three.
+// Its own derivatives (second order) are written with MLX ops.
+class CrossEntropyGrad : public mx::Primitive {
+ public:
+  explicit CrossEntropyGrad(mx::Stream stream) : mx::Primitive(stream) {}
+
+  METAPEFT_PRIMITIVE_OVERRIDES
+  const char* name() const override {
+    return "MetapeftCrossEntropyGrad";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 } // namespace metapeft

@@ -11,7 +11,7 @@ swapped, in place, for one on the fused primitives of :mod:`metapeft.ops`.
 - The attention and MLP blocks of mlx-lm's Llama-family models (``llama``, which
   also serves Mistral, ``qwen2`` and ``qwen3``): :func:`metapeft.ops.attention`
   instead of MLX's CPU fallback of ``mx.fast.scaled_dot_product_attention``, and
-  SwiGLU on :func:`metapeft.ops.sigmoid`. With a KV cache (generation) they run
+  SwiGLU on :func:`metapeft.ops.swiglu`. With a KV cache (generation) they run
   mlx-lm's own code.
 
 Weights are shared with the original layers, never copied; freeze state and
@@ -80,9 +80,8 @@ def _attention_call(self, x: mx.array, mask: Any = None, cache: Any = None) -> m
 
 
 def _mlp_call(self, x: mx.array) -> mx.array:
-    """mlx-lm's SwiGLU MLP, with :func:`metapeft.ops.sigmoid`."""
-    gate = self.gate_proj(x)
-    return self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x))
+    """mlx-lm's SwiGLU MLP, with :func:`metapeft.ops.swiglu`."""
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _rms_norm_call(self, x: mx.array) -> mx.array:
