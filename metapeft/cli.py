@@ -1,5 +1,6 @@
 """The ``metapeft`` command line: ``info``, ``validate``, ``train``, ``evaluate``,
-``bench``, ``export``, ``plot``, ``registry``, ``toolkit`` and ``meta-train-lora``.
+``bench``, ``export``, ``plot``, ``registry``, ``toolkit``, ``meta-train-lora`` and
+``convert-gguf``.
 
 Commands are thin: they parse options, call the library and print. Heavy modules
 are imported inside the commands so that ``--help`` stays fast. Expected errors
@@ -488,7 +489,8 @@ def meta_train_lora(
 
     def on_step(step: int, m: dict[str, float]) -> None:
         console.print(
-            f"step {step}: support {m['support_loss']:.4f}  query {m['query_loss']:.4f}",
+            f"step {step}: support {m['support_loss']:.4f}  query {m['query_loss']:.4f}  "
+            f"({m['seconds']:.2f} s)",
             highlight=False,
         )
 
@@ -510,6 +512,24 @@ def meta_train_lora(
         f"mlx_lm.lora -c {summary['output_dir']}/lora_config.yaml --train --data DATA)",
         highlight=False,
     )
+
+
+@app.command("convert-gguf")
+def convert_gguf(
+    gguf: Annotated[Path, typer.Argument(help="The .gguf file (llama.cpp's format).")],
+    out_dir: Annotated[Path, typer.Argument(help="The mlx-lm model folder to write.")],
+    dtype: Annotated[
+        str, typer.Option(help="float32, float16, bfloat16, or quantized (keep the file's).")
+    ] = "float32",
+) -> None:
+    """Convert a GGUF model (Llama, Mistral, SmolLM, Qwen2) to an mlx-lm model folder."""
+    from metapeft.lm.gguf import convert_gguf as convert
+
+    try:
+        folder = convert(gguf, out_dir, dtype)
+    except (*USER_ERRORS, ImportError) as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {folder} (mlx_lm.load, mlx_lm.generate and mlx_lm.lora take it)")
 
 
 def main() -> None:

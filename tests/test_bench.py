@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metapeft import BenchmarkRunner, machine, reference
-from metapeft.bench import peers, problems, report, suite
+from metapeft.bench import peers, problems, real_model, report, suite
 from metapeft.bench.runner import prepare_process
 from metapeft.cli import app
 
@@ -344,3 +345,30 @@ def test_report_redraws_plots_beside_the_result(tmp_path):
     )
     pngs = sorted(tmp_path.glob("run-*.png"))
     assert len(pngs) == 2 and all(f"({p.name})" in out.read_text() for p in pngs)
+
+
+# ------------------------------------------------------------------ real-model shapes
+
+
+@pytest.mark.parametrize("impl", ["fused", "mlx-lm", "torch"])
+def test_real_model_lora_step_gives_the_loss_of_a_random_model(impl):
+    if impl == "torch" and "torch" not in peers.installed():
+        pytest.skip("torch is not installed")
+    out = real_model.lora_step("tiny", impl)()
+    loss = float(out) if impl == "torch" else out[0].item()
+    # random weights: close to the loss of uniform predictions over the vocabulary
+    assert abs(loss - math.log(real_model.SHAPES["tiny"]["vocab_size"])) < 1.0
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_real_model_meta_step_gives_the_query_loss_of_a_random_model(impl):
+    if impl == "torch" and "torch" not in peers.installed():
+        pytest.skip("torch is not installed")
+    out = real_model.meta_step("tiny", impl)()
+    query_loss = out["query_loss"] if impl == "fused" else out
+    assert abs(query_loss - math.log(real_model.SHAPES["tiny"]["vocab_size"])) < 1.0
+
+
+def test_real_model_step_gflop_matches_the_known_count():
+    # One SmolLM2-135M LoRA step over 4 x 64 tokens is about 140 GFLOP of products.
+    assert 130 < real_model.step_gflop("smollm2-135m", 256) < 145

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from metapeft.bench import peers
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {**os.environ, "METAPEFT_BENCH_SIZE": "tiny"}
 
@@ -94,10 +96,17 @@ def test_every_asv_benchmark_runs_on_tiny_sizes():
         "LMMetaStep.time_meta_step",
         "LMMetaStep.track_peak_memory",
         "LMMetaStep.track_meta_steps_per_second",
+        "LoRAStep.time_lora_step",
+        "FOMAMLMetaStep.time_meta_step",
     }
     assert ran == expected, tail
-    # Only the plain-MLX baseline of non-MAML algorithms is skipped (3 x 2 steps).
-    assert len(skipped) == 6 and all("'mlx'" in s and "'maml'" not in s for s in skipped)
+    # The plain-MLX baseline of non-MAML algorithms is skipped (3 x 2 steps), and the
+    # torch twins of the real-model steps where torch is missing.
+    mlx = [s for s in skipped if "'mlx'" in s]
+    assert len(mlx) == 6 and all("'maml'" not in s for s in mlx)
+    torch = [s for s in skipped if "'torch'" in s]
+    assert len(torch) == (0 if "torch" in peers.installed() else 2)
+    assert len(skipped) == len(mlx) + len(torch), tail
 
 
 @pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed")

@@ -45,6 +45,20 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
                 "2",
             ],
         ),
+        ("lm_step_profile.py", ["--shape", "tiny"]),
+        (
+            "real_model_speed.py",
+            [
+                "--shape",
+                "tiny",
+                "--repeat",
+                "1",
+                "--lora-impls",
+                "fused,mlx-lm",
+                "--meta-impls",
+                "fused",
+            ],
+        ),
     ],
 )
 def test_experiment_writes_json_and_markdown(tmp_path, script, args):
@@ -62,3 +76,18 @@ def test_experiment_writes_json_and_markdown(tmp_path, script, args):
     assert table.count("\n") >= 3 and "|" in table
     if script == "lm_substitution.py":
         assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_meta_train_lora_timing_reads_every_step(tmp_path):
+    from metapeft.lm.random_model import save_random_model
+
+    save_random_model(tmp_path / "model", "llama", hidden_size=32, num_layers=1)
+    out = tmp_path / "result"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "meta_train_lora_timing.py"), "--model",
+         str(tmp_path / "model"), "--steps", "3", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [r["step"] for r in record["rows"]] == [1, 2, 3]
+    assert all(r["seconds"] >= 0 for r in record["rows"])

@@ -9,6 +9,9 @@ Four parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
   inner steps;
 - language models: a LoRA meta-step on random mlx-lm Llamas (tiny, and d=2048 with 16
   blocks), fused against the naive loop on mlx-lm's own LoRA layers;
+- pretrained-model shapes (:mod:`~metapeft.bench.real_model`, SmolLM2-135M): a LoRA
+  forward+backward against PyTorch (transformers + peft) and stock mlx-lm, and a FOMAML
+  meta-step against PyTorch's loop over tasks, timed in turns;
 - capacity: peak memory of a MAML step of a d=4096 LoRA model against ``T``, from
   which the report extrapolates the largest ``T`` that fits in memory.
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from metapeft.bench import peers, problems
+from metapeft.bench import peers, problems, real_model
 from metapeft.bench.runner import BenchmarkRunner
 
 
@@ -61,6 +64,8 @@ class Sizes:
     capacity_tasks: tuple[int, ...]
     lm_small: dict[str, int]  # tasks, dim, layers of a random mlx-lm Llama
     lm_large: dict[str, int] | None
+    real_model: str  # a shape of metapeft.bench.real_model.SHAPES
+    real_model_stock: bool  # also time stock mlx-lm's LoRA step (slow: a reference BLAS)
     naive_repeat: int
     slow_repeat: int
     fast_repeat: int
@@ -81,6 +86,8 @@ FULL = Sizes(
     capacity_tasks=(1, 2, 4, 8, 16, 32),
     lm_small={"tasks": 4, "dim": 64, "layers": 2},
     lm_large={"tasks": 4, "dim": 2048, "layers": 16},
+    real_model="smollm2-135m",
+    real_model_stock=True,
     naive_repeat=3,
     slow_repeat=3,
     fast_repeat=30,
@@ -101,6 +108,8 @@ QUICK = Sizes(
     capacity_tasks=(1, 2, 4),
     lm_small={"tasks": 4, "dim": 64, "layers": 2},
     lm_large=None,
+    real_model="smollm2-135m",
+    real_model_stock=False,
     naive_repeat=1,
     slow_repeat=2,
     fast_repeat=10,
@@ -121,6 +130,8 @@ TINY = Sizes(
     capacity_tasks=(1, 2, 3),
     lm_small={"tasks": 2, "dim": 32, "layers": 1},
     lm_large=None,
+    real_model="tiny",
+    real_model_stock=True,
     naive_repeat=1,
     slow_repeat=1,
     fast_repeat=2,
@@ -222,6 +233,26 @@ def cases(sizes: Sizes) -> Iterator[Case]:
     if s.lm_large:
         for impl in ("fused", "naive"):
             yield _meta_case("lm", "fomaml", impl, s, inner_steps=1, repeat=1, **s.lm_large)
+
+    shape = s.real_model
+    torch = ("torch",) if "torch" in installed else ()
+    stock = ("mlx-lm",) if s.real_model_stock else ()
+    for impl in ("fused", *torch, *stock):
+        yield Case(
+            f"{shape} LoRA fwd+bwd 4x64 tokens fp32",
+            {"impl": impl},
+            lambda impl=impl: real_model.lora_step(shape, impl),
+            repeat=s.slow_repeat,
+            interleave=True,
+        )
+    for impl in ("fused", *torch):
+        yield Case(
+            f"{shape} FOMAML meta-step T=4 4+4x16 tokens fp32",
+            {"impl": impl},
+            lambda impl=impl: real_model.meta_step(shape, impl),
+            repeat=s.slow_repeat,
+            interleave=True,
+        )
 
     for tasks in s.sinusoid_tasks:
         yield _meta_case("sinusoid", "maml", "fused", s, tasks=tasks, inner_steps=1)

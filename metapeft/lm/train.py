@@ -104,7 +104,8 @@ def meta_train_lora(
         task_loop: Adapt tasks one at a time instead of all at once (less memory;
             always the case on a quantized model).
         seed: Seeds the adapter initialisation and the task sampler.
-        on_step: Called as ``on_step(step, metrics)`` after every meta-step.
+        on_step: Called as ``on_step(step, metrics)`` after every meta-step; the
+            metrics include the step's wall time, ``seconds``.
 
     Returns:
         A summary: ``steps``, ``final`` metrics, ``seconds`` (in meta-steps),
@@ -148,7 +149,7 @@ def meta_train_lora(
         with timer.time_operation("meta_train_step") as op:
             metrics = learner.meta_train_step(episodes)
         if on_step is not None:
-            on_step(step, metrics)
+            on_step(step, {**metrics, "seconds": op.seconds[-1]})
     seconds = sum(op.seconds) if steps else 0.0
     settings = {
         "algorithm": algorithm,

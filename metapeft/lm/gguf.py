@@ -1,0 +1,207 @@
+"""GGUF models (llama.cpp's format, as Ollama and LM Studio keep them) as mlx-lm models.
+
+MLX reads GGUF itself (``mx.load(path, return_metadata=True)``): float tensors come
+back as arrays, and Q4_0, Q4_1 and Q8_0 tensors as MLX-quantized triples (weight,
+scales, biases; groups of 32). :func:`convert_gguf` renames them to mlx-lm's
+layout, builds ``config.json`` from the metadata, rebuilds the tokenizer with
+transformers (``gguf_file=``, which needs the ``gguf`` package) and writes an
+mlx-lm model folder, so that ``mlx_lm.load``, ``mlx_lm.generate`` and ``mlx_lm.lora``
+take it.
+
+llama.cpp's converter permutes the rows of the query and key projections of Llama
+models for its rotary embedding; the converted Llama config therefore asks mlx-lm
+for the traditional (interleaved) RoPE, which computes the same function on them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from metapeft.files import atomic_write_text
+
+__all__ = ["DTYPES", "convert_gguf", "gguf_config"]
+
+# What ``convert_gguf`` can write: float dtypes (dequantizing), or the file's own
+# quantization kept as MLX-quantized layers.
+DTYPES = ("float32", "float16", "bfloat16", "quantized")
+ARCHITECTURES = ("llama", "qwen2")
+GROUP_SIZE = 32  # MLX's group size for the GGUF quantizations it reads
+
+# GGUF tensor names -> mlx-lm module paths (the suffixes .weight, .bias, .scales and
+# .biases are kept).
+_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _scalar(meta: dict[str, Any], key: str, source: Path, default: Any = None) -> Any:
+    if key not in meta:
+        if default is None:
+            raise ValueError(f"{source}: GGUF metadata has no {key!r}")
+        return default
+    value = meta[key]
+    return value.item() if isinstance(value, mx.array) else value
+
+
+def gguf_config(meta: dict[str, Any], tensor_names: set[str], source: Path) -> dict[str, Any]:
+    """The Hugging Face style ``config.json`` of a GGUF file's metadata."""
+    arch = _scalar(meta, "general.architecture", source)
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{source}: architecture {arch!r} is not supported (supported: "
+            f"{', '.join(ARCHITECTURES)}; Mistral and SmolLM files are 'llama')"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return _scalar(meta, f"{arch}.{key}", source, default)
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    vocab = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None)
+    if vocab is None:
+        raise ValueError(f"{source}: GGUF metadata gives no vocabulary size")
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        # llama.cpp permutes q and k of Llama models for its (interleaved) RoPE.
+        "rope_traditional": arch == "llama",
+    }
+    for name, key in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        token = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token is not None:
+            config[name] = int(token.item() if isinstance(token, mx.array) else token)
+    return config
+
+
+def _mlx_name(name: str, source: Path) -> str:
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(\w+)", name)
+    if match:
+        layer, part, suffix = match.groups()
+        if part in _BLOCK:
+            return f"model.layers.{layer}.{_BLOCK[part]}.{suffix}"
+    else:
+        base, _, suffix = name.rpartition(".")
+        if base in _TOP:
+            return f"{_TOP[base]}.{suffix}"
+    raise ValueError(f"{source}: tensor {name!r} has no place in an mlx-lm Llama or Qwen2 model")
+
+
+def _quantized_bits(weights: dict[str, mx.array], name: str) -> int:
+    """Bits per weight of the MLX-quantized triple ``name`` (weight, scales, biases)."""
+    packed = weights[f"{name}.weight"].shape[-1] * 32
+    return packed // (weights[f"{name}.scales"].shape[-1] * GROUP_SIZE)
+
+
+def read_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict, dict, dict]:
+    """``(weights, config, metadata)`` of a GGUF file, weights renamed for mlx-lm and
+    converted to ``dtype`` (one of :data:`DTYPES`)."""
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        raw, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for bad files
+        raise ValueError(f"{path}: not a GGUF file MLX can read ({e})") from None
+    config = gguf_config(meta, set(raw), path)
+    weights = {_mlx_name(k, path): v for k, v in raw.items()}
+    quantized = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
+    bits = {_quantized_bits(weights, name) for name in quantized}
+    if dtype == "quantized":
+        if len(bits) > 1:
+            raise ValueError(f"{path}: mixed quantizations ({sorted(bits)} bits) cannot be kept")
+        if bits:
+            config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits.pop()}
+        return weights, config, meta
+    target = getattr(mx, dtype)
+    for name in quantized:
+        w, s = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
+        b = weights.pop(f"{name}.biases", None)
+        nbits = _quantized_bits({f"{name}.weight": w, f"{name}.scales": s}, name)
+        weights[f"{name}.weight"] = mx.dequantize(w, s, b, group_size=GROUP_SIZE, bits=nbits)
+    weights = {
+        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    return weights, config, meta
+
+
+def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Writes the GGUF model at ``path`` as an mlx-lm model folder ``out_dir``.
+
+    Args:
+        path: A ``.gguf`` file of a Llama-family (Llama, Mistral, SmolLM) or Qwen2
+            model with float, Q4_0, Q4_1 or Q8_0 tensors.
+        out_dir: The folder to write; it must not exist yet, or be empty.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (dequantizing), or
+            ``quantized`` (the file's quantization, as MLX-quantized layers).
+
+    Returns:
+        ``out_dir``, holding ``config.json``, ``model.safetensors`` and the tokenizer.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not GGUF, its architecture or a tensor is not
+            supported, or ``out_dir`` holds files.
+
+    Example:
+        >>> convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m")
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir}: the folder exists and is not empty")
+    weights, config, _ = read_gguf(path, dtype)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise ValueError(
+            f"{path}: rebuilding the tokenizer needs transformers and gguf "
+            f"(pip install transformers gguf): {e}"
+        ) from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed at the end: a failure leaves no half folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tokenizer.save_pretrained(str(staging))
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, {"format": "mlx"})
+        atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
