@@ -8,6 +8,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "blas.h"
 #include "cross_entropy/cross_entropy.h"
 #include "linear/linear.h"
 #include "lora_linear/lora_linear.h"
@@ -241,6 +242,17 @@ NB_MODULE(_ext, m) {
       "stream"_a = nb::none());
 
   m.def("sigmoid", &metapeft::sigmoid, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+
+#ifndef __APPLE__
+  m.def("use_mkl", [](const std::string& path) { return metapeft::blas::use_mkl(path.c_str()); });
+#endif
+  m.def("blas_name", []() {
+#ifdef __APPLE__
+    return std::string("Accelerate");
+#else
+    return std::string(metapeft::blas::sequential() ? "MKL" : "OpenBLAS");
+#endif
+  });
 
   m.def("swiglu", &metapeft::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none());
 

@@ -1,4 +1,5 @@
-// One BLAS shim: Accelerate on Apple, OpenBLAS (scipy-openblas32 wheel) elsewhere.
+// One BLAS shim: Accelerate on Apple; elsewhere OpenBLAS (scipy-openblas32 wheel),
+// or Intel MKL's sgemm when metapeft selects it at import (use_mkl).
 #pragma once
 
 #ifdef __APPLE__
@@ -19,6 +20,22 @@ namespace metapeft::blas {
 constexpr double kParallelMacs = 1 << 24;
 
 #ifndef __APPLE__
+// MKL's cblas_sgemm (LP64, enums as ints), once use_mkl has loaded it; MKL then
+// runs sequentially and the kernels share its products out among their own
+// worker threads (one pool of threads for every kernel, no OpenMP runtime).
+using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                         int, float, float*, int);
+inline std::atomic<SgemmFn> mkl_sgemm{nullptr};
+
+// Loads MKL from the shared library at `path` (libmkl_rt), sequential; returns
+// false and changes nothing when it cannot be loaded.
+bool use_mkl(const char* path);
+
+// True when each product runs on one thread (MKL): the caller shares large ones out.
+inline bool sequential() {
+  return mkl_sgemm.load(std::memory_order_relaxed) != nullptr;
+}
+
 // OpenBLAS's own thread count when we started (OPENBLAS_NUM_THREADS or all cores).
 inline int max_threads() {
   static const int threads = scipy_openblas_get_num_threads();
@@ -51,6 +68,11 @@ inline void sgemm(
     float* c,
     int ldc) {
 #ifndef __APPLE__
+  if (auto mkl = mkl_sgemm.load(std::memory_order_relaxed)) {
+    mkl(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+        m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   use_threads(static_cast<double>(m) * n * k < kParallelMacs ? 1 : max_threads());
 #endif
   METAPEFT_CBLAS_SGEMM(

@@ -19,7 +19,9 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import mlx.core  # noqa: E402, F401  (loads libmlx before the extension)
 
-from metapeft import nn, ops, reference  # noqa: E402
+from metapeft import blas, nn, ops, reference  # noqa: E402
+
+blas.select()
 from metapeft.config import ConfigError, MetaLearningConfig  # noqa: E402
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile  # noqa: E402
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs  # noqa: E402

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import metapeft
+from metapeft import blas
 
 
 @cache
@@ -45,7 +46,7 @@ def info() -> dict[str, str | int]:
         "mlx": mx.__version__,
         "backend": "Metal" if mx.metal.is_available() else "CPU",
         "device": str(mx.default_device()),
-        "blas": "Accelerate" if platform.system() == "Darwin" else "OpenBLAS (scipy-openblas32)",
+        "blas": blas.name(),
         "metapeft": metapeft.__version__,
         "commit": commit(),
     }

@@ -301,7 +301,8 @@ def test_bad_shapes(x_shape, w_shape, b_shape, names):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs more than one core")
 def test_large_products_keep_all_blas_threads_after_small_ones():
     """Small products run OpenBLAS on one thread; a large one that comes after them
-    must get every thread back (a fresh process, so the small product comes first)."""
+    must get every thread back (a fresh process, so the small product comes first,
+    on OpenBLAS even where MKL is installed)."""
     code = textwrap.dedent(
         """
         import mlx.core as mx, threadpoolctl
@@ -316,5 +317,8 @@ def test_large_products_keep_all_blas_threads_after_small_ones():
         print(ours())
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "METAPEFT_BLAS": "openblas"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert int(out.stdout.strip()) > 1, out.stdout + out.stderr
