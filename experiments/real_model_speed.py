@@ -9,6 +9,10 @@ back (malloc_trim), then the peak resident memory of two more steps is read from
 process held before them (the model, the inputs, the libraries) and in total: the
 same measure for MLX and torch.
 
+Each implementation is also timed alone in a process of its own (median of five
+steps after a first), in the conditions of the benchmarks: implementations timed in
+turns in one process slow each other through the caches and the threads they leave.
+
 The roofline is the step's GFLOP of matrix products (``step_gflop``) over the BLAS's
 rate on a 2048^3 product (``ops.linear``), measured in the same run.
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 from common import write_results
 
-from metapeft import ops
+from metapeft import blas, ops
 from metapeft.bench import real_model
 from metapeft.bench.runner import BenchmarkRunner, prepare_process
 
@@ -84,8 +88,20 @@ def measure_memory(kind: str, shape: str, impl: str, args: argparse.Namespace) -
     }
 
 
-def memory_in_subprocess(kind: str, shape: str, impl: str, args: argparse.Namespace) -> dict:
-    argv = [sys.executable, __file__, "--child", kind, impl, "--shape", shape]
+def time_alone(kind: str, shape: str, impl: str, args: argparse.Namespace) -> dict:
+    """In this process: the median seconds of five steps after a first."""
+    step = build(kind, shape, impl, args)
+    mx.eval(step())
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        mx.eval(step())
+        times.append(time.perf_counter() - start)
+    return {"alone_s": sorted(times)[2]}
+
+
+def in_subprocess(mode: str, kind: str, shape: str, impl: str, args: argparse.Namespace) -> dict:
+    argv = [sys.executable, __file__, mode, kind, impl, "--shape", shape]
     for name in ("batch", "length", "tasks", "shots", "meta_length"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
@@ -108,12 +124,16 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--alone", nargs=2, metavar=("KIND", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure_memory(args.child[0], args.shape, args.child[1], args)))
         return
     conditions = prepare_process()
+    if args.alone:
+        print(json.dumps(time_alone(args.alone[0], args.shape, args.alone[1], args)))
+        return
 
     runner = BenchmarkRunner(f"real model {args.shape}")
     rate = blas_rate()
@@ -141,24 +161,35 @@ def main() -> None:
                 "vs_fused": seconds / medians["fused"],
             }
             if not args.no_memory:
-                print(f"{kind}: memory of {impl}", flush=True)
-                row |= memory_in_subprocess(kind, args.shape, impl, args)
+                print(f"{kind}: {impl} alone, and its memory", flush=True)
+                row |= in_subprocess("--alone", kind, args.shape, impl, args)
+                row |= in_subprocess("--child", kind, args.shape, impl, args)
             rows.append(row)
 
     table = [
         f"Shape {args.shape}, float32; LoRA step {args.batch}x{args.length} tokens; meta-step "
-        f"T={args.tasks}, {args.shots}+{args.shots} sequences of {args.meta_length} tokens. "
-        f"BLAS {rate:.0f} GFLOP/s (2048^3). Conditions: {conditions}",
+        f"T={args.tasks}, {args.shots}+{args.shots} sequences of {args.meta_length} tokens; "
+        f"{rows[0]['gflop'] if rows else 0:.1f} and {rows[-1]['gflop'] if rows else 0:.1f} GFLOP "
+        f"of products. BLAS ({blas.name()}) {rate:.0f} GFLOP/s (2048^3); the roofline is the "
+        f"GFLOP at that rate. Conditions: {conditions}",
         "",
-        "| step | implementation | median | GFLOP | x roofline | time / fused's | "
-        "peak memory above start | peak memory |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| step | implementation | median in turns | x roofline | time / fused's | "
+        "alone | alone / fused alone | peak memory above start | peak memory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        above, total = r.get("peak_above_start_bytes"), r.get("peak_bytes")
+        above, total, alone = (
+            r.get(k) for k in ("peak_above_start_bytes", "peak_bytes", "alone_s")
+        )
+        fused_alone = next(
+            (x.get("alone_s") for x in rows if x["kind"] == r["kind"] and x["impl"] == "fused"),
+            None,
+        )
         table.append(
-            f"| {r['kind']} | {r['impl']} | {r['median_s']:.3f} s | {r['gflop']:.1f} | "
+            f"| {r['kind']} | {r['impl']} | {r['median_s']:.3f} s | "
             f"{r['median_s'] / r['roofline_s']:.2f} | {r['vs_fused']:.2f} | "
+            f"{'-' if alone is None else f'{alone:.3f} s'} | "
+            f"{'-' if alone is None or not fused_alone else f'{alone / fused_alone:.2f}'} | "
             f"{'-' if above is None else f'{above / 1e6:.0f} MB'} | "
             f"{'-' if total is None else f'{total / 1e6:.0f} MB'} |"
         )

@@ -372,3 +372,17 @@ def test_real_model_meta_step_gives_the_query_loss_of_a_random_model(impl):
 def test_real_model_step_gflop_matches_the_known_count():
     # One SmolLM2-135M LoRA step over 4 x 64 tokens is about 140 GFLOP of products.
     assert 130 < real_model.step_gflop("smollm2-135m", 256) < 145
+
+
+@pytest.mark.skipif("jax" not in peers.installed(), reason="jax is not installed")
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_jax_sinusoid_maml_twin_computes_metapefts_query_losses(inner_steps):
+    episodes = problems.sinusoid_episodes(5)
+    data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+    twin = peers.sinusoid_maml("jax", problems.sinusoid_net(), data, inner_steps)
+    learner = problems.make_learner(
+        "maml", problems.sinusoid_net(), inner_steps=inner_steps, batched=True
+    )
+    for _ in range(3):  # the same outer (Adam) steps too
+        ours = learner.meta_train_step(episodes, problems.mse)["query_loss"]
+        assert float(twin()) == pytest.approx(ours, rel=1e-4)

@@ -46,6 +46,9 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
             ],
         ),
         ("lm_step_profile.py", ["--shape", "tiny"]),
+        ("sinusoid_step_cost.py", ["--tasks", "1,3", "--repeat", "2"]),
+        ("quantized_products.py", ["--sizes", "8x64x32", "--repeat", "1"]),
+        ("blas_rates.py", ["--sizes", "16x32x8"]),
         (
             "real_model_speed.py",
             [

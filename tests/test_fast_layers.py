@@ -208,3 +208,20 @@ def test_llama3_rope_scaling_equals_the_stock_rope():
         np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-5)
     x, _ = tokens()
     np.testing.assert_allclose(np.array(fast(x)), np.array(stock(x)), atol=2e-4)
+
+
+def test_quantized_layers_dequantize_onto_the_blas_on_the_cpu(models):
+    stock = load_model(models["llama-q4"])[0]
+    fast = load_model(models["llama-q4"])[0]
+    use_fast_layers(fast)
+    assert type(fast.layers[0].self_attn.k_proj).__name__ == "FastQuantizedLinear"
+    assert type(fast.model.embed_tokens).__name__ == "FastQuantizedEmbedding"
+    x, _ = tokens()
+    np.testing.assert_allclose(np.array(fast(x)), np.array(stock(x)), atol=2e-4)
+    # the tied output layer alone, through as_linear
+    h = mx.random.normal((3, SIZES["hidden_size"]))
+    np.testing.assert_allclose(
+        np.array(fast.model.embed_tokens.as_linear(h)),
+        np.array(stock.model.embed_tokens.as_linear(h)),
+        atol=2e-4,
+    )

@@ -20,9 +20,10 @@ import numpy as np
 from mlx.utils import tree_map
 
 from metapeft import ops, reference
+from metapeft.bench import peers
 from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
 from metapeft.learners.base import MetaLearner
-from metapeft.nn import LoRALinear, use_blas_linear
+from metapeft.nn import LoRALinear
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution
 
 TINY = os.environ.get("METAPEFT_BENCH_SIZE") == "tiny"
@@ -152,14 +153,14 @@ def make_learner(
     return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, fast=batched)
 
 
-def sinusoid_net(fused: bool, seed: int = 0) -> nn.Module:
-    """The 1-40-40-1 ReLU network of the MAML paper; BLAS layers when ``fused``."""
+def sinusoid_net(seed: int = 0) -> nn.Module:
+    """The 1-40-40-1 ReLU network of the MAML paper, plain ``mlx.nn`` layers."""
     mx.random.seed(seed)
     model = nn.Sequential(
         nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
     )
     mx.eval(model.parameters())
-    return use_blas_linear(model) if fused else model
+    return model
 
 
 def sinusoid_episodes(tasks: int, shots: int = 10) -> Episodes:
@@ -262,9 +263,10 @@ def meta_step(
         problem: ``sinusoid``, ``lora`` (then ``dim``, ``rank``, ``layers``, ``rows``) or
             ``lm`` (then ``dim``, ``layers``; see :func:`lm_meta_step`).
         algorithm: One of :data:`ALGORITHMS`.
-        impl: ``fused`` (batched learner on metapeft's layers), ``naive`` (a Python
-            loop over tasks on stock layers) or, for MAML on sinusoid, ``mlx`` (plain
-            MLX ``vmap`` + ``compile``).
+        impl: ``fused`` (batched learner, which puts the model on metapeft's fast
+            layers), ``naive`` (a Python loop over tasks on stock layers) or, for MAML
+            on sinusoid, ``mlx`` (plain MLX ``vmap`` + ``compile``) and ``jax``
+            (:func:`metapeft.bench.peers.sinusoid_maml`).
         tasks: Tasks per meta-batch.
         inner_steps: Inner SGD steps per task.
     """
@@ -272,12 +274,15 @@ def meta_step(
         return lm_meta_step(algorithm, impl, tasks=tasks, inner_steps=inner_steps, **lora)
     if problem == "sinusoid":
         episodes = sinusoid_episodes(tasks)
+        if impl in ("mlx", "jax") and algorithm != "maml":
+            raise ValueError(f"the {impl} baseline exists for maml only")
         if impl == "mlx":
-            if algorithm != "maml":
-                raise ValueError("the plain-MLX baseline exists for maml only")
-            step, state = mlx_vmap_compile_maml(sinusoid_net(False), mse, 0.01, inner_steps)
+            step, state = mlx_vmap_compile_maml(sinusoid_net(), mse, 0.01, inner_steps)
             return lambda: mx.eval(step(episodes), state)
-        model = sinusoid_net(impl == "fused")
+        if impl == "jax":
+            data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+            return peers.sinusoid_maml("jax", sinusoid_net(), data, inner_steps)
+        model = sinusoid_net()
     elif problem == "lora":
         episodes = lora_episodes(tasks, lora["rows"], lora["dim"])
         model = lora_net(lora["dim"], lora["rank"], lora["layers"], fused=impl == "fused")

@@ -220,8 +220,9 @@ def cases(sizes: Sizes) -> Iterator[Case]:
                 )
 
     sin_t = 25 if 25 in s.sinusoid_tasks else s.sinusoid_tasks[-1]
+    jax = ("jax",) if "jax" in installed else ()
     for steps in (1, 5):
-        for impl in ("fused", "mlx", "naive"):
+        for impl in ("fused", "mlx", *jax, "naive"):
             yield _meta_case("sinusoid", "maml", impl, s, tasks=sin_t, inner_steps=steps)
     for algorithm in problems.ALGORITHMS:
         for impl in ("fused", "naive"):

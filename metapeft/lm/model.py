@@ -21,6 +21,7 @@ from mlx.utils import tree_unflatten
 from metapeft import ops
 from metapeft.nn import LoRALinear, use_fast_layers
 from metapeft.nn._modules import bare
+from metapeft.nn.fast import dequantized_weight, on_cpu
 from metapeft.nn.lora import check_lora_args
 
 __all__ = ["LoRASpec", "QLoRALinear", "add_lora", "adapter_paths", "load_model"]
@@ -112,8 +113,10 @@ class QLoRALinear(nn.Module):
     float32, as in :class:`metapeft.nn.LoRALinear` and mlx-lm. Per-task adapters
     (a leading axis ``T``) take inputs ``(T, ..., d_in)``.
 
-    MLX 0.32 has no ``vmap`` rule for quantized products, so meta-learners run a
-    quantized model with ``batched=False`` (tasks one at a time).
+    On the CPU the base product is the dequantized weight's BLAS product (MLX's CPU
+    ``quantized_matmul`` is a naive loop); on a GPU it is ``quantized_matmul``. MLX
+    0.32 has no ``vmap`` rule for quantized products, so meta-learners run a quantized
+    model with ``batched=False`` (tasks one at a time).
 
     Example:
         >>> base = nn.QuantizedLinear(64, 32, group_size=32, bits=4)
@@ -149,18 +152,21 @@ class QLoRALinear(nn.Module):
         return layer
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = mx.quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
-        if "bias" in self:
-            out = out + self["bias"]
+        if on_cpu():
+            out = ops.linear(x, dequantized_weight(self), self.get("bias"))
+        else:
+            out = mx.quantized_matmul(
+                x,
+                self["weight"],
+                self["scales"],
+                self.get("biases"),
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+            )
+            if "bias" in self:
+                out = out + self["bias"]
         low = ops.linear(self.dropout(x), mx.swapaxes(self["lora_a"], -1, -2))
         low = ops.linear(low, mx.swapaxes(self["lora_b"], -1, -2))
         return out + (self.scale * low).astype(out.dtype)

@@ -8,6 +8,10 @@ swapped, in place, for one on the fused primitives of :mod:`metapeft.ops`.
 - ``nn.RMSNorm`` -> :func:`metapeft.ops.rms_norm`; ``nn.RoPE`` and mlx-lm's
   ``Llama3RoPE`` -> :func:`metapeft.ops.rope` (an array offset, as a KV cache
   passes, runs MLX's own).
+- ``nn.QuantizedLinear`` and ``nn.QuantizedEmbedding.as_linear`` (a quantized tied
+  output layer): on the CPU, the weight dequantized, then the BLAS product of
+  :func:`metapeft.ops.linear` (for the backward pass the float weight is kept, as a
+  float model's is); on a GPU, MLX's own ``quantized_matmul``.
 - The attention and MLP blocks of mlx-lm's Llama-family models (``llama``, which
   also serves Mistral, ``qwen2`` and ``qwen3``): :func:`metapeft.ops.attention`
   instead of MLX's CPU fallback of ``mx.fast.scaled_dot_product_attention``, and
@@ -84,6 +88,37 @@ def _mlp_call(self, x: mx.array) -> mx.array:
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    """The float weight of an MLX-quantized layer (``weight``, ``scales``, ``biases``)."""
+    return mx.dequantize(
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def on_cpu() -> bool:
+    """Whether MLX's default device is the CPU (where the fast layers use BLAS)."""
+    return mx.default_device() == mx.cpu
+
+
+def _quantized_linear_call(self, x: mx.array) -> mx.array:
+    """On the CPU: dequantize, then the BLAS product (MLX's CPU quantized_matmul is a
+    naive loop); on a GPU: MLX's own quantized_matmul."""
+    if not on_cpu():
+        return super(type(self), self).__call__(x)
+    return ops.linear(x, dequantized_weight(self), self.get("bias"))
+
+
+def _quantized_as_linear(self, x: mx.array) -> mx.array:
+    if not on_cpu():
+        return super(type(self), self).as_linear(x)
+    return ops.linear(x, dequantized_weight(self))
+
+
 def _rms_norm_call(self, x: mx.array) -> mx.array:
     return ops.rms_norm(x, self["weight"], self.eps)
 
@@ -113,23 +148,25 @@ def _rope_call(self, x: mx.array, offset: Any = 0) -> mx.array:
 
 # (module of the class, class name) -> the fast ``__call__``: the layers, then the
 # blocks that hold them (swapped in that order, each pass over the updated model).
-_LAYER_CALLS: dict[tuple[str, str], Any] = {
-    ("mlx.nn.layers.normalization", "RMSNorm"): _rms_norm_call,
-    ("mlx.nn.layers.positional_encoding", "RoPE"): _rope_call,
-    ("mlx_lm.models.rope_utils", "Llama3RoPE"): _rope_call,
+_LAYER_CALLS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mlx.nn.layers.normalization", "RMSNorm"): {"__call__": _rms_norm_call},
+    ("mlx.nn.layers.positional_encoding", "RoPE"): {"__call__": _rope_call},
+    ("mlx_lm.models.rope_utils", "Llama3RoPE"): {"__call__": _rope_call},
+    ("mlx.nn.layers.quantized", "QuantizedLinear"): {"__call__": _quantized_linear_call},
+    ("mlx.nn.layers.quantized", "QuantizedEmbedding"): {"as_linear": _quantized_as_linear},
 }
-_BLOCK_CALLS: dict[tuple[str, str], Any] = {
-    **{(family, "Attention"): _attention_call for family in _MLX_LM_FAMILIES},
-    **{(family, "MLP"): _mlp_call for family in _MLX_LM_FAMILIES},
+_BLOCK_CALLS: dict[tuple[str, str], dict[str, Any]] = {
+    **{(family, "Attention"): {"__call__": _attention_call} for family in _MLX_LM_FAMILIES},
+    **{(family, "MLP"): {"__call__": _mlp_call} for family in _MLX_LM_FAMILIES},
 }
 _FAST_CALLS = {**_LAYER_CALLS, **_BLOCK_CALLS}
 
 
 @functools.cache
 def _fast_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` is the fast one."""
-    call = _FAST_CALLS[(cls.__module__, cls.__name__)]
-    return type(f"Fast{cls.__name__}", (cls,), {"__call__": call, "__module__": __name__})
+    """A subclass of ``cls`` with the fast methods."""
+    methods = _FAST_CALLS[(cls.__module__, cls.__name__)]
+    return type(f"Fast{cls.__name__}", (cls,), {**methods, "__module__": __name__})
 
 
 def _class_key(module: nn.Module) -> tuple[str, str]:
