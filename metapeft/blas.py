@@ -3,8 +3,8 @@
 On Linux the extension is linked with OpenBLAS (the ``scipy-openblas32`` wheel). When
 Intel's ``mkl`` package is installed (``pip install -e ".[mkl]"``, x86_64 Linux), its
 sgemm is used instead, sequentially, with the kernels sharing large products out among
-their own worker threads: at a transformer layer's sizes it ran 300-350 GFLOP/s on
-this project's 2-core Xeon against OpenBLAS's 180-300. ``METAPEFT_BLAS=openblas``
+their own worker threads: at a small transformer layer's sizes it ran 200-360 GFLOP/s
+on a 2-core Xeon against OpenBLAS's 110-280 (``experiments/blas_rates.py``). ``METAPEFT_BLAS=openblas``
 keeps OpenBLAS; ``METAPEFT_BLAS=mkl`` makes a missing MKL an error. On macOS the
 kernels use Accelerate.
 """
