@@ -4,9 +4,9 @@ On Linux the extension is linked with OpenBLAS (the ``scipy-openblas32`` wheel).
 Intel's ``mkl`` package is installed (``pip install -e ".[mkl]"``, x86_64 Linux), its
 sgemm is used instead, sequentially, with the kernels sharing large products out among
 their own worker threads: at a small transformer layer's sizes it ran 200-360 GFLOP/s
-on a 2-core Xeon against OpenBLAS's 110-280 (``experiments/blas_rates.py``). ``METAPEFT_BLAS=openblas``
-keeps OpenBLAS; ``METAPEFT_BLAS=mkl`` makes a missing MKL an error. On macOS the
-kernels use Accelerate.
+on a 2-core Xeon against OpenBLAS's 110-280 (``experiments/blas_rates.py``).
+``METAPEFT_BLAS=openblas`` keeps OpenBLAS; ``METAPEFT_BLAS=mkl`` makes a missing MKL an
+error. On macOS the kernels use Accelerate.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 MLX reads GGUF itself (``mx.load(path, return_metadata=True)``): float tensors come
 back as arrays, and Q4_0, Q4_1 and Q8_0 tensors as MLX-quantized triples (weight,
 scales, biases; groups of 32). :func:`convert_gguf` renames them to mlx-lm's
-layout, builds ``config.json`` from the metadata, rebuilds the tokenizer with
-transformers (``gguf_file=``, which needs the ``gguf`` package) and writes an
-mlx-lm model folder, so that ``mlx_lm.load``, ``mlx_lm.generate`` and ``mlx_lm.lora``
-take it.
+layout, builds ``config.json`` from the metadata, rebuilds the tokenizer from the
+metadata MLX read (with transformers' GGUF tokenizer converters: its own GGUF reader
+needs PyTorch) and writes an mlx-lm model folder, so that ``mlx_lm.load``,
+``mlx_lm.generate`` and ``mlx_lm.lora`` take it.
 
 llama.cpp's converter permutes the rows of the query and key projections of Llama
 models for its rotary embedding; the converted Llama config therefore asks mlx-lm
@@ -157,6 +157,54 @@ def read_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict, dict, dic
     return weights, config, meta
 
 
+# llama.cpp's special-token keys, as transformers names the tokens.
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as Python: MLX arrays become numbers or lists."""
+    return value.tolist() if isinstance(value, mx.array) else value
+
+
+def gguf_tokenizer(meta: dict[str, Any], source: Path) -> Any:
+    """A transformers fast tokenizer rebuilt from a GGUF file's metadata."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError as e:
+        raise ValueError(f"{source}: rebuilding the tokenizer needs transformers: {e}") from None
+    grouped = {
+        group: {
+            name: _plain(meta[f"tokenizer.{key}"])
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in meta
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokens, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tokens:
+        raise ValueError(f"{source}: GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
+    if tokens.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS for a sentencepiece vocabulary that does not say otherwise.
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            config[name] = tokens["tokens"][int(_plain(token_id))]
+    try:
+        backend, extra = convert_gguf_tokenizer(
+            _scalar(meta, "general.architecture", source), tokens
+        )
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source}: transformers cannot rebuild this tokenizer ({e!r})") from None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Writes the GGUF model at ``path`` as an mlx-lm model folder ``out_dir``.
 
@@ -181,16 +229,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") 
     path, out_dir = Path(path), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir}: the folder exists and is not empty")
-    weights, config, _ = read_gguf(path, dtype)
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError as e:
-        raise ValueError(
-            f"{path}: rebuilding the tokenizer needs transformers and gguf "
-            f"(pip install transformers gguf): {e}"
-        ) from None
+    weights, config, meta = read_gguf(path, dtype)
+    tokenizer = gguf_tokenizer(meta, path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed at the end: a failure leaves no half folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
