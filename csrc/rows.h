@@ -10,6 +10,8 @@
 #include <limits>
 
 #include "common.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/transforms.h"
 #include "workers.h"
 
 namespace metapeft {
@@ -126,6 +128,62 @@ METAPEFT_INLINE float exp_sum(const float* x, float* y, int64_t n, float scale, 
     sum += acc[l];
   }
   return sum;
+}
+
+// Registers a kernel's arrays with the CPU command encoder of `stream`, first
+// allocating every output unless `allocate` is false (an output that took over an
+// input's buffer); returns the encoder to dispatch on.
+inline mx::cpu::CommandEncoder& cpu_encoder(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    bool allocate = true) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  for (auto& out : outputs) {
+    if (allocate) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+    encoder.set_output_array(out);
+  }
+  return encoder;
+}
+
+// The functions a fused kernel stands for, written with MLX ops: the primitives
+// take their derivatives from these (second order goes through MLX's own).
+using StockFn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+
+// vjp of `fn` at `primals`, the gradients of the inputs in `argnums`.
+inline std::vector<mx::array> stock_vjp(
+    const StockFn& fn,
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums) {
+  auto grads = mx::vjp(fn, primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+// jvp of `fn` at `primals` with `tangents` for the inputs in `argnums` (zero for the others).
+inline std::vector<mx::array> stock_jvp(
+    const StockFn& fn,
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums,
+    mx::Stream s) {
+  std::vector<mx::array> t;
+  for (auto& p : primals) {
+    t.push_back(mx::zeros_like(p, s));
+  }
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    t[argnums[i]] = tangents[i];
+  }
+  return mx::jvp(fn, primals, t).second;
 }
 
 // How many chunks for_row_chunks splits `rows` rows of `row_size` elements into:

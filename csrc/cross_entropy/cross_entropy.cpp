@@ -3,8 +3,6 @@
 #include <cmath>
 #include <sstream>
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/transforms.h"
 #include "rows.h"
 #include "softmax/softmax.h"
 
@@ -121,11 +119,7 @@ void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   auto& logits = inputs[0];
   auto& targets = inputs[1];
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(logits);
-  encoder.set_input_array(targets);
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   if (out.size() == 0) {
     return;
   }
@@ -214,11 +208,7 @@ void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
   auto& out = outputs[0];
   // In place when MLX allows it: the kernel reads a row before writing it.
   donate_or_allocate(logits, out);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs, false);
   if (out.size() == 0) {
     return;
   }

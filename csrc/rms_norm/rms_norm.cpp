@@ -3,9 +3,7 @@
 #include <cmath>
 #include <numeric>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/fast.h"
-#include "mlx/transforms.h"
 #include "rows.h"
 
 namespace metapeft {
@@ -121,17 +119,6 @@ void grad_rows(
   }
 }
 
-void register_io(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-  }
-}
-
 } // namespace
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
@@ -156,7 +143,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 }
 
 void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  register_io(stream(), inputs, outputs);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   auto& x = inputs[0];
   auto& out = outputs[0];
   if (x.size() == 0) {
@@ -164,7 +151,7 @@ void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
   }
   int64_t D = x.shape(-1);
   int64_t rows = x.size() / D;
-  mx::cpu::get_command_encoder(stream()).dispatch([xo = operand(x),
+  encoder.dispatch([xo = operand(x),
                                                    wo = operand(inputs[1]),
                                                    out_ptr = out.data<void>(),
                                                    dtype = out.dtype(),
@@ -183,14 +170,14 @@ void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
 }
 
 void RMSNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  register_io(stream(), inputs, outputs);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   auto& x = inputs[0];
   int64_t D = x.shape(-1);
   int64_t rows = D > 0 ? x.size() / D : 0;
   int64_t groups = per_entry_ ? x.shape(0) : 1;
   auto& dx = outputs[0];
   auto& dw = outputs[1];
-  mx::cpu::get_command_encoder(stream()).dispatch([xo = operand(x),
+  encoder.dispatch([xo = operand(x),
                                                    wo = operand(inputs[1]),
                                                    go = operand(inputs[2]),
                                                    dx_ptr = dx.data<void>(),
@@ -272,15 +259,10 @@ std::vector<mx::array> RMSNorm::jvp(
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
   auto s = stream();
-  std::vector<mx::array> t = {mx::zeros_like(primals[0], s), mx::zeros_like(primals[1], s)};
-  for (size_t i = 0; i < argnums.size(); ++i) {
-    t[argnums[i]] = tangents[i];
-  }
-  float eps = eps_;
-  auto fn = [eps, s](const std::vector<mx::array>& in) {
+  auto fn = [eps = eps_, s](const std::vector<mx::array>& in) {
     return std::vector<mx::array>{stock_rms_norm(in[0], in[1], eps, s)};
   };
-  auto out = mx::jvp(fn, primals, t).second[0];
+  auto out = stock_jvp(fn, primals, tangents, argnums, s)[0];
   return {mx::astype(out, mx::promote_types(primals[0].dtype(), primals[1].dtype()), s)};
 }
 
@@ -306,16 +288,10 @@ std::vector<mx::array> RMSNormGrad::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  auto s = stream();
-  auto fn = [eps = eps_, per_entry = per_entry_, s](const std::vector<mx::array>& in) {
+  auto fn = [eps = eps_, per_entry = per_entry_, s = stream()](const std::vector<mx::array>& in) {
     return stock_grad_outputs(in, eps, per_entry, s);
   };
-  auto grads = mx::vjp(fn, primals, cotangents).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  return stock_vjp(fn, primals, cotangents, argnums);
 }
 
 std::vector<mx::array> RMSNormGrad::jvp(
@@ -323,17 +299,10 @@ std::vector<mx::array> RMSNormGrad::jvp(
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
   auto s = stream();
-  std::vector<mx::array> t;
-  for (auto& p : primals) {
-    t.push_back(mx::zeros_like(p, s));
-  }
-  for (size_t i = 0; i < argnums.size(); ++i) {
-    t[argnums[i]] = tangents[i];
-  }
   auto fn = [eps = eps_, per_entry = per_entry_, s](const std::vector<mx::array>& in) {
     return stock_grad_outputs(in, eps, per_entry, s);
   };
-  return mx::jvp(fn, primals, t).second;
+  return stock_jvp(fn, primals, tangents, argnums, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> RMSNormGrad::vmap(

@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "mlx/fast.h"
 #include "rows.h"
 
@@ -98,12 +97,7 @@ mx::array rope(
 void RoPE::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& x = inputs[0];
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   if (x.size() == 0) {
     return;
   }

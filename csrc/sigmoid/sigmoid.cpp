@@ -1,6 +1,5 @@
 #include "sigmoid/sigmoid.h"
 
-#include "mlx/backend/cpu/encoder.h"
 #include "rows.h"
 
 namespace metapeft {
@@ -29,10 +28,7 @@ mx::array sigmoid(const mx::array& x, mx::StreamOrDevice s) {
 void Sigmoid::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& x = inputs[0];
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   int64_t n = x.size();
   if (n == 0) {
     return;

@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "rows.h"
 
 namespace metapeft {
@@ -72,10 +71,7 @@ mx::array softmax(const mx::array& x, float scale, bool causal, mx::StreamOrDevi
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& x = inputs[0];
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   if (x.size() == 0) {
     return;
   }

@@ -1,7 +1,5 @@
 #include "swiglu/swiglu.h"
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/transforms.h"
 #include "rows.h"
 
 namespace metapeft {
@@ -54,17 +52,6 @@ void backward_range(
   }
 }
 
-void register_io(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-  }
-}
-
 } // namespace
 
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
@@ -84,13 +71,13 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
 }
 
 void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  register_io(stream(), inputs, outputs);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   auto& out = outputs[0];
   int64_t n = out.size();
   if (n == 0) {
     return;
   }
-  mx::cpu::get_command_encoder(stream()).dispatch([go = operand(inputs[0]),
+  encoder.dispatch([go = operand(inputs[0]),
                                                    uo = operand(inputs[1]),
                                                    out_ptr = out.data<void>(),
                                                    dtype = out.dtype(),
@@ -105,12 +92,12 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
 }
 
 void SwigluGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  register_io(stream(), inputs, outputs);
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
   int64_t n = outputs[0].size();
   if (n == 0) {
     return;
   }
-  mx::cpu::get_command_encoder(stream()).dispatch([go = operand(inputs[0]),
+  encoder.dispatch([go = operand(inputs[0]),
                                                    uo = operand(inputs[1]),
                                                    co = operand(inputs[2]),
                                                    dg_ptr = outputs[0].data<void>(),
@@ -171,14 +158,10 @@ std::vector<mx::array> Swiglu::jvp(
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
   auto s = stream();
-  std::vector<mx::array> t = {mx::zeros_like(primals[0], s), mx::zeros_like(primals[1], s)};
-  for (size_t i = 0; i < argnums.size(); ++i) {
-    t[argnums[i]] = tangents[i];
-  }
   auto fn = [s](const std::vector<mx::array>& a) {
     return std::vector<mx::array>{stock_swiglu(a[0], a[1], s)};
   };
-  auto out = mx::jvp(fn, primals, t).second[0];
+  auto out = stock_jvp(fn, primals, tangents, argnums, s)[0];
   return {mx::astype(out, mx::promote_types(primals[0].dtype(), primals[1].dtype()), s)};
 }
 
@@ -195,14 +178,8 @@ std::vector<mx::array> SwigluGrad::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  auto s = stream();
-  auto fn = [s](const std::vector<mx::array>& in) { return stock_grads(in, s); };
-  auto grads = mx::vjp(fn, primals, cotangents).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  auto fn = [s = stream()](const std::vector<mx::array>& in) { return stock_grads(in, s); };
+  return stock_vjp(fn, primals, cotangents, argnums);
 }
 
 std::vector<mx::array> SwigluGrad::jvp(
@@ -210,15 +187,8 @@ std::vector<mx::array> SwigluGrad::jvp(
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
   auto s = stream();
-  std::vector<mx::array> t;
-  for (auto& p : primals) {
-    t.push_back(mx::zeros_like(p, s));
-  }
-  for (size_t i = 0; i < argnums.size(); ++i) {
-    t[argnums[i]] = tangents[i];
-  }
   auto fn = [s](const std::vector<mx::array>& in) { return stock_grads(in, s); };
-  return mx::jvp(fn, primals, t).second;
+  return stock_jvp(fn, primals, tangents, argnums, s);
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> SwigluGrad::vmap(
