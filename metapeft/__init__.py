@@ -20,8 +20,6 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import mlx.core  # noqa: E402, F401  (loads libmlx before the extension)
 
 from metapeft import blas, nn, ops, reference  # noqa: E402
-
-blas.select()
 from metapeft.config import ConfigError, MetaLearningConfig  # noqa: E402
 from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile  # noqa: E402
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs  # noqa: E402
@@ -29,6 +27,9 @@ from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_con
 __version__ = "0.1.0"
 
 from metapeft.bench import BenchmarkRunner  # noqa: E402
+
+# Before any product: MKL's sgemm when the mkl package is installed (metapeft.blas).
+blas.select()
 
 __all__ = [
     "BenchmarkRunner",

@@ -31,6 +31,18 @@ from conftest import (
 )
 from metapeft import ops, reference
 
+
+def check_vmap_grads(op, ref, args, in_axes, k=1):
+    """The gradients of ``sum(op(*args) ** 2)`` under ``mx.vmap`` equal the reference's."""
+    argnums = tuple(range(len(args)))
+    grad = mx.grad(lambda *a: (op(*a) ** 2).sum(), argnums=argnums)
+    grad_ref = mx.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=argnums)
+    got = mx.vmap(grad, in_axes=tuple(in_axes))(*args)
+    expected = mx.vmap(grad_ref, in_axes=tuple(in_axes))(*args)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, mx.float32, k=k)
+
+
 # --------------------------------------------------------------------------- softmax
 
 score_shapes = st.lists(st.integers(1, 7), min_size=2, max_size=4).map(tuple)
@@ -320,12 +332,7 @@ def test_rms_norm_transforms():
         w = rand(rng, (10,)) if in_axes[1] is None else rand(rng, (5, 10))
         check_vmap(op, ref, [x, w], list(in_axes), k=10)
         # the gradients under vmap: the weight's summed per mapped entry
-        grad = mx.grad(lambda x, w: (op(x, w) ** 2).sum(), argnums=(0, 1))
-        grad_ref = mx.grad(lambda x, w: (ref(x, w) ** 2).sum(), argnums=(0, 1))
-        got = mx.vmap(grad, in_axes=in_axes)(x, w)
-        expected = mx.vmap(grad_ref, in_axes=in_axes)(x, w)
-        for g, e in zip(got, expected, strict=True):
-            assert_close(g, e, mx.float32, k=40)
+        check_vmap_grads(op, ref, [x, w], in_axes, k=40)
 
 
 def test_rms_norm_rejects_bad_input():
@@ -429,12 +436,7 @@ def test_swiglu_transforms():
             for a, ax in zip(args, in_axes, strict=True)
         ]
         check_vmap(ops.swiglu, reference.swiglu, batched_args, list(in_axes))
-        grad = mx.grad(lambda g, u: (ops.swiglu(g, u) ** 2).sum(), argnums=(0, 1))
-        grad_ref = mx.grad(lambda g, u: (reference.swiglu(g, u) ** 2).sum(), argnums=(0, 1))
-        got = mx.vmap(grad, in_axes=in_axes)(*batched_args)
-        expected = mx.vmap(grad_ref, in_axes=in_axes)(*batched_args)
-        for g, e in zip(got, expected, strict=True):
-            assert_close(g, e, mx.float32)
+        check_vmap_grads(ops.swiglu, reference.swiglu, batched_args, in_axes)
 
 
 def test_swiglu_rejects_bad_input():

@@ -21,7 +21,7 @@ from mlx.utils import tree_unflatten
 from metapeft import ops
 from metapeft.nn import LoRALinear, use_fast_layers
 from metapeft.nn._modules import bare
-from metapeft.nn.fast import dequantized_weight, on_cpu
+from metapeft.nn.fast import quantized_product
 from metapeft.nn.lora import check_lora_args
 
 __all__ = ["LoRASpec", "QLoRALinear", "add_lora", "adapter_paths", "load_model"]
@@ -152,21 +152,7 @@ class QLoRALinear(nn.Module):
         return layer
 
     def __call__(self, x: mx.array) -> mx.array:
-        if on_cpu():
-            out = ops.linear(x, dequantized_weight(self), self.get("bias"))
-        else:
-            out = mx.quantized_matmul(
-                x,
-                self["weight"],
-                self["scales"],
-                self.get("biases"),
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-            if "bias" in self:
-                out = out + self["bias"]
+        out = quantized_product(self, x)
         low = ops.linear(self.dropout(x), mx.swapaxes(self["lora_a"], -1, -2))
         low = ops.linear(low, mx.swapaxes(self["lora_b"], -1, -2))
         return out + (self.scale * low).astype(out.dtype)

@@ -105,12 +105,23 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def _quantized_linear_call(self, x: mx.array) -> mx.array:
-    """On the CPU: dequantize, then the BLAS product (MLX's CPU quantized_matmul is a
-    naive loop); on a GPU: MLX's own quantized_matmul."""
-    if not on_cpu():
-        return super(type(self), self).__call__(x)
-    return ops.linear(x, dequantized_weight(self), self.get("bias"))
+def quantized_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ weight.T + bias`` for an MLX-quantized layer (``weight``, ``scales``,
+    ``biases``, optional ``bias``): on the CPU the dequantized weight's BLAS product
+    (MLX's CPU ``quantized_matmul`` is a naive loop), on a GPU ``quantized_matmul``."""
+    if on_cpu():
+        return ops.linear(x, dequantized_weight(layer), layer.get("bias"))
+    out = mx.quantized_matmul(
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+    return out + layer["bias"] if "bias" in layer else out
 
 
 def _quantized_as_linear(self, x: mx.array) -> mx.array:
@@ -152,7 +163,7 @@ _LAYER_CALLS: dict[tuple[str, str], dict[str, Any]] = {
     ("mlx.nn.layers.normalization", "RMSNorm"): {"__call__": _rms_norm_call},
     ("mlx.nn.layers.positional_encoding", "RoPE"): {"__call__": _rope_call},
     ("mlx_lm.models.rope_utils", "Llama3RoPE"): {"__call__": _rope_call},
-    ("mlx.nn.layers.quantized", "QuantizedLinear"): {"__call__": _quantized_linear_call},
+    ("mlx.nn.layers.quantized", "QuantizedLinear"): {"__call__": quantized_product},
     ("mlx.nn.layers.quantized", "QuantizedEmbedding"): {"as_linear": _quantized_as_linear},
 }
 _BLOCK_CALLS: dict[tuple[str, str], dict[str, Any]] = {
@@ -184,8 +195,8 @@ def _fast_block(module: nn.Module) -> nn.Module:
 
 def use_fast_layers(model: nn.Module) -> nn.Module:
     """Puts ``model`` on metapeft's fast path, in place: see the module docstring
-    for what is swapped. Layers already fast, quantized layers and modules of
-    other kinds are left alone.
+    for what is swapped. Layers already fast and modules of other kinds are left
+    alone.
 
     Args:
         model: Any MLX module (a plain network, or a model from ``mlx_lm.load``).
