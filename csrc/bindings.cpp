@@ -10,6 +10,7 @@
 
 #include "blas.h"
 #include "cross_entropy/cross_entropy.h"
+#include "linear_cross_entropy/linear_cross_entropy.h"
 #include "linear/linear.h"
 #include "lora_linear/lora_linear.h"
 #include "reptile_update/reptile_update.h"
@@ -237,6 +238,15 @@ NB_MODULE(_ext, m) {
       "cross_entropy",
       &metapeft::cross_entropy,
       "logits"_a,
+      "targets"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "linear_cross_entropy",
+      &metapeft::linear_cross_entropy,
+      "x"_a,
+      "weight"_a,
       "targets"_a,
       nb::kw_only(),
       "stream"_a = nb::none());

@@ -1,5 +1,9 @@
 #include "blas.h"
 
+#include <algorithm>
+
+#include "workers.h"
+
 #ifndef __APPLE__
 #include <dlfcn.h>
 #endif
@@ -23,5 +27,44 @@ bool use_mkl(const char* path) {
   return true;
 }
 #endif
+
+// Products of at least this many multiply-adds are worth sharing out.
+constexpr double kSharedMacs = 1 << 21;
+
+void sgemm_shared(
+    bool trans_a,
+    bool trans_b,
+    int64_t m,
+    int64_t n,
+    int64_t k,
+    float alpha,
+    const float* a,
+    int lda,
+    const float* b,
+    int ldb,
+    float beta,
+    float* c,
+    int ldc) {
+  int threads = std::min(cpu_threads(), 8);
+  bool by_columns = n >= m;
+  int64_t extent = by_columns ? n : m;
+  if (!sequential() || threads <= 1 || static_cast<double>(m) * n * k < kSharedMacs || extent < 32) {
+    sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // Blocks of whole 16-wide panels, as the BLAS kernels tile them.
+  int64_t step = ((extent + threads - 1) / threads + 15) / 16 * 16;
+  int chunks = static_cast<int>((extent + step - 1) / step);
+  run_chunks(chunks, [&](int i) {
+    int64_t lo = i * step, len = std::min(extent, lo + step) - lo;
+    if (by_columns) {
+      const float* bl = trans_b ? b + lo * ldb : b + lo;
+      sgemm(trans_a, trans_b, m, len, k, alpha, a, lda, bl, ldb, beta, c + lo, ldc);
+    } else {
+      const float* al = trans_a ? a + lo : a + lo * lda;
+      sgemm(trans_a, trans_b, len, n, k, alpha, al, lda, b, ldb, beta, c + lo * ldc, ldc);
+    }
+  });
+}
 
 } // namespace metapeft::blas

@@ -2,6 +2,8 @@
 // or Intel MKL's sgemm when metapeft selects it at import (use_mkl).
 #pragma once
 
+#include <cstdint>
+
 #ifdef __APPLE__
 #include <Accelerate/Accelerate.h>
 #define METAPEFT_CBLAS_SGEMM cblas_sgemm
@@ -31,10 +33,6 @@ inline std::atomic<SgemmFn> mkl_sgemm{nullptr};
 // false and changes nothing when it cannot be loaded.
 bool use_mkl(const char* path);
 
-// True when each product runs on one thread (MKL): the caller shares large ones out.
-inline bool sequential() {
-  return mkl_sgemm.load(std::memory_order_relaxed) != nullptr;
-}
 
 // OpenBLAS's own thread count when we started (OPENBLAS_NUM_THREADS or all cores).
 inline int max_threads() {
@@ -51,6 +49,15 @@ inline void use_threads(int threads) {
   }
 }
 #endif
+
+// True when each product runs on one thread (MKL): the caller shares large ones out.
+inline bool sequential() {
+#ifdef __APPLE__
+  return false;
+#else
+  return mkl_sgemm.load(std::memory_order_relaxed) != nullptr;
+#endif
+}
 
 // Row-major C = alpha * op(A) @ op(B) + beta * C, with op(X) = X or X^T.
 inline void sgemm(
@@ -91,5 +98,23 @@ inline void sgemm(
       c,
       ldc);
 }
+
+// sgemm, with a large product on a sequential BLAS shared out among the worker
+// threads: one call per thread on a block of C's columns (or of its rows, when C
+// has more rows than columns).
+void sgemm_shared(
+    bool trans_a,
+    bool trans_b,
+    int64_t m,
+    int64_t n,
+    int64_t k,
+    float alpha,
+    const float* a,
+    int lda,
+    const float* b,
+    int ldb,
+    float beta,
+    float* c,
+    int ldc);
 
 } // namespace metapeft::blas

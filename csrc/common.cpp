@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <limits>
 #include <sstream>
+#include <string_view>
 
 namespace metapeft {
 
@@ -369,6 +370,24 @@ bool broadcasts_to(const mx::Shape& from, const mx::Shape& to) {
     }
   }
   return true;
+}
+
+bool is_zero_fill(const mx::array& a) {
+  const mx::array* node = &a;
+  while (node->has_primitive()) {
+    // By name: libmlx does not export its primitives' type information.
+    std::string_view name = node->primitive().name();
+    bool passes_value = name == "Full" || name == "Broadcast" || name == "AsType";
+    if (!passes_value || node->inputs().size() != 1) {
+      return false;
+    }
+    node = &node->inputs()[0];
+  }
+  if (!node->is_available() || node->size() != 1) {
+    return false;
+  }
+  auto bytes = node->data<unsigned char>();
+  return std::all_of(bytes, bytes + node->itemsize(), [](unsigned char b) { return b == 0; });
 }
 
 std::string binary_dir() {

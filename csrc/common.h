@@ -196,6 +196,11 @@ mx::array sum_to_shape(const mx::array& a, const mx::Shape& shape, mx::StreamOrD
 // True when an array of shape `from` broadcasts to `to` without changing `to`.
 bool broadcasts_to(const mx::Shape& from, const mx::Shape& to);
 
+// True when `a` is known to be all zeros without evaluating it: a scalar zero
+// broadcast (mx::zeros_like), as MLX's vjp passes for an output of a primitive
+// that nothing depended on. False when unsure.
+bool is_zero_fill(const mx::array& a);
+
 // Directory of the loaded extension (where the metallib is installed).
 std::string binary_dir();
 

@@ -25,6 +25,7 @@ __all__ = [
     "attention",
     "cross_entropy",
     "linear",
+    "linear_cross_entropy",
     "lora_linear",
     "reptile_update",
     "rms_norm",
@@ -213,6 +214,39 @@ def cross_entropy(logits: mx.array, targets: mx.array, *, stream: Stream = None)
         1.3863
     """
     return _ext.cross_entropy(logits, targets, stream=stream)
+
+
+def linear_cross_entropy(
+    x: mx.array, weight: mx.array, targets: mx.array, *, stream: Stream = None
+) -> mx.array:
+    """Per-row ``cross_entropy(x @ weight.T, targets)`` without the logits.
+
+    The loss of a language model from its last hidden states ``x`` and its output
+    layer ``weight`` (an ``lm_head``, or the tied embeddings). The ``(rows, V)``
+    logits are made and consumed a block of rows at a time, and the gradient with
+    respect to ``x`` is made in the same pass (so the forward pass costs two
+    products, the backward pass none): a 49,152-word vocabulary over 256 rows
+    holds 16 MB instead of the logits' 50 MB and their gradient's 50 MB. The
+    gradient with respect to ``weight``, and second order, hold the logits, as the
+    unfused ops do. Masking is the caller's: multiply the result by a mask.
+
+    Args:
+        x: ``(..., d)``, float32, float16 or bfloat16.
+        weight: ``(V, d)``, float32, float16 or bfloat16.
+        targets: ``(...)`` class indices of an integer dtype; one outside ``[0, V)``
+            gives NaN.
+        stream: Stream or device to run on; default stream if None. On a GPU it is
+            MLX's own ``matmul`` and a cross-entropy.
+
+    Returns:
+        ``(...)`` float32 losses, as ``cross_entropy(linear(x, weight), targets)``.
+
+    Example:
+        >>> loss = linear_cross_entropy(mx.ones((1, 2)), mx.zeros((4, 2)), mx.array([0]))
+        >>> round(loss[0].item(), 4)
+        1.3863
+    """
+    return _ext.linear_cross_entropy(x, weight, targets, stream=stream)
 
 
 def sigmoid(x: mx.array, *, stream: Stream = None) -> mx.array:

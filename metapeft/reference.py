@@ -89,6 +89,11 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
+def linear_cross_entropy(x: mx.array, weight: mx.array, targets: mx.array) -> mx.array:
+    """Per-row cross-entropy of the logits ``x @ weight.T`` in float32."""
+    return cross_entropy(x.astype(mx.float32) @ weight.astype(mx.float32).T, targets)
+
+
 def sigmoid(x: mx.array) -> mx.array:
     """``mx.sigmoid`` computed in float32, in ``x``'s dtype."""
     return mx.sigmoid(x.astype(mx.float32)).astype(x.dtype)

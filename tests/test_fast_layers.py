@@ -16,7 +16,8 @@ from metapeft import ops  # noqa: E402
 from metapeft.learners import FOMAML, MAML  # noqa: E402
 from metapeft.lm import LoRASpec, add_lora, lm_loss, load_model  # noqa: E402
 from metapeft.lm.random_model import save_random_model  # noqa: E402
-from metapeft.nn import BLASEmbedding, BLASLinear, use_fast_layers  # noqa: E402
+from metapeft.nn import BLASEmbedding, BLASLinear, LoRALinear, use_fast_layers  # noqa: E402
+from metapeft.nn.fast import output_layer  # noqa: E402
 
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 FAST_FAMILIES = ("llama", "qwen2", "qwen3")  # tied output embeddings in all three
@@ -154,6 +155,25 @@ def test_learners_take_the_fast_path_unless_told_not_to():
     model = mlp()
     FOMAML(model, inner_lr=0.01, fast=False)
     assert type(model.layers[0]) is nn.Linear
+
+
+def test_lm_loss_takes_the_output_layer_where_it_is_a_plain_one(models):
+    """lm_loss fuses the output layer into the loss (no logits held) for the Llama
+    family's tied and untied heads; other heads, quantized or adapted, give logits."""
+    for arch, head in [("llama", "model.embed_tokens"), ("mistral", "lm_head")]:
+        model = load_model(models[arch])[0]
+        use_fast_layers(model)
+        body, weight = output_layer(model)
+        assert weight is dict(tree_flatten(model.parameters()))[head + ".weight"]
+        x, _ = tokens()
+        np.testing.assert_allclose(
+            np.array(ops.linear(body(x), weight)), np.array(model(x)), atol=1e-5
+        )
+    assert output_layer(load_model(models["phi3"])[0]) is None
+    assert output_layer(load_model(models["llama-q4"])[0]) is None
+    adapted = load_model(models["mistral"])[0]
+    adapted.lm_head = LoRALinear.from_base(adapted.lm_head, rank=2)
+    assert output_layer(adapted) is None
 
 
 def test_lm_loss_matches_mlx_cross_entropy_with_masking():

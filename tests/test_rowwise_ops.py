@@ -1,5 +1,6 @@
 """The fused non-product ops of a language model's step: ``ops.softmax`` (with the
-attention's scale and causal mask), ``ops.cross_entropy``, ``ops.sigmoid``, and
+attention's scale and causal mask), ``ops.cross_entropy`` (and
+``ops.linear_cross_entropy``, with the output layer's product), ``ops.sigmoid``, and
 ``ops.attention`` built on them and on ``ops.linear``; each against its pure-MLX
 twin in ``metapeft.reference``."""
 
@@ -175,6 +176,101 @@ def test_cross_entropy_rejects_bad_input():
     check_raises(
         ValueError, lambda: ops.cross_entropy(lg, mx.zeros((3,), mx.int32)), ["targets"], [(2,)]
     )
+
+
+# --------------------------------------------------------------------------- linear_cross_entropy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@given(
+    rows=st.lists(st.integers(1, 6), min_size=0, max_size=2).map(tuple),
+    d=st.integers(1, 24),
+    vocab=st.integers(1, 70),
+    layout=layouts,
+    seed=seeds,
+)
+def test_linear_cross_entropy_values_and_grads(dtype, rows, d, vocab, layout, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, rows + (d,), dtype, layout) * 2
+    weight = rand(rng, (vocab, d), dtype, layout)
+    targets = mx.array(rng.integers(0, vocab, size=rows), dtype=mx.int32)
+    k = vocab * d
+    expected = reference.linear_cross_entropy(x, weight, targets)
+    got = ops.linear_cross_entropy(x, weight, targets)
+    assert_close(got, expected, mx.float32, k=k, rtol=tol(dtype, k))
+    check_grads(
+        lambda a, w: ops.linear_cross_entropy(a, w, targets),
+        lambda a, w: reference.linear_cross_entropy(a, w, targets),
+        [x, weight],
+        ["x", "weight"],
+        rng,
+        k=k,
+    )
+
+
+def test_linear_cross_entropy_transforms():
+    rng = np.random.default_rng(3)
+    x, weight = rand(rng, (2, 3, 6)), rand(rng, (11, 6))
+    targets = mx.array(rng.integers(0, 11, size=(2, 3)))
+    op = lambda a, w: ops.linear_cross_entropy(a, w, targets)  # noqa: E731
+    ref = lambda a, w: reference.linear_cross_entropy(a, w, targets)  # noqa: E731
+    check_grads_fd(op, [x, weight], ["x", "weight"], rng)
+    check_jvp(op, ref, [x, weight], ["x", "weight"], rng)
+    for i in (0, 1):
+        check_second_order(op, ref, [x, weight], ["x", "weight"], i, rng)
+    check_compile(op, [x, weight], rng)
+    # Per-task hidden states, targets and (for a per-task head) weights.
+    xs, ws = rand(rng, (3, 4, 6)), rand(rng, (3, 11, 6))
+    ts = mx.array(rng.integers(0, 11, size=(3, 4)))
+    cases = {
+        (0, None, 0): (xs, ws[0], ts),
+        (1, None, 1): (xs.swapaxes(0, 1), ws[0], ts.T),
+        (None, None, 0): (xs[0], ws[0], ts),
+        (0, 0, 0): (xs, ws, ts),
+        (None, 2, None): (xs[0], ws.transpose(1, 2, 0), ts[0]),
+    }
+
+    def grads(fn):
+        return mx.grad(lambda a, w, t: fn(a, w, t).sum() ** 2, (0, 1))
+
+    for axes, args in cases.items():
+        check_vmap(ops.linear_cross_entropy, reference.linear_cross_entropy, args, axes)
+        got = mx.vmap(grads(ops.linear_cross_entropy), axes)(*args)
+        expected = mx.vmap(grads(reference.linear_cross_entropy), axes)(*args)
+        for g, e in zip(got, expected, strict=True):
+            assert_close(g, e, mx.float32, k=66)
+
+
+def test_linear_cross_entropy_holds_no_logits():
+    """The first-order backward pass is the forward primitive's own output: no product
+    of the logits is built, so no (rows, V) array is held."""
+    x, weight = mx.ones((4, 8)), mx.ones((20000, 8)) * 0.01
+    targets = mx.zeros((4,), mx.int32)
+    grad = mx.grad(lambda a: ops.linear_cross_entropy(a, weight, targets).sum())(x)
+    mx.eval(grad)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    grad = mx.grad(lambda a: ops.linear_cross_entropy(a, weight, targets).sum())(x)
+    mx.eval(grad)
+    assert mx.get_peak_memory() - before < 4 * 20000 * 4  # the logits alone
+    unfused = mx.grad(lambda a: reference.linear_cross_entropy(a, weight, targets).sum())(x)
+    assert_close(grad, unfused, mx.float32, k=8)
+
+
+def test_linear_cross_entropy_out_of_range_targets_give_nan():
+    out = ops.linear_cross_entropy(mx.ones((3, 2)), mx.ones((4, 2)), mx.array([-1, 4, 2]))
+    assert np.isnan(np.array(out[:2])).all() and np.isfinite(out[2].item())
+
+
+def test_linear_cross_entropy_rejects_bad_input():
+    x, w, t = mx.zeros((2, 3)), mx.zeros((5, 3)), mx.zeros((2,), mx.int32)
+    lce = ops.linear_cross_entropy
+    check_raises(TypeError, lambda: lce(x, w, t.astype(mx.float32)), ["targets"])
+    check_raises(TypeError, lambda: lce(x.astype(mx.int32), w, t), ["x"])
+    check_raises(TypeError, lambda: lce(x, w.astype(mx.int32), t), ["weight"])
+    check_raises(ValueError, lambda: lce(x, mx.zeros((5, 4)), t), ["x"], [(2, 3)])
+    check_raises(ValueError, lambda: lce(x, mx.zeros((2, 5, 3)), t), ["weight"])
+    check_raises(ValueError, lambda: lce(x, w, mx.zeros((3,), mx.int32)), ["targets"], [(2,)])
 
 
 # --------------------------------------------------------------------------- sigmoid

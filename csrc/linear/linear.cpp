@@ -85,48 +85,6 @@ void for_tasks(int64_t B, double macs, F f) {
   }
 }
 
-// With a sequential BLAS (MKL), products of at least this many multiply-adds
-// are shared out among the worker threads (sgemm_shared).
-constexpr double kSharedMacs = 1 << 21;
-
-// C = alpha * op(A) @ op(B) + beta * C: with a sequential BLAS and a large product,
-// one call per worker thread on a block of C's columns (or of its rows, when C has
-// more rows than columns); else one BLAS call, threaded as the BLAS threads it.
-void sgemm_shared(
-    bool ta,
-    bool tb,
-    int64_t M,
-    int64_t N,
-    int64_t K,
-    float alpha,
-    const float* a,
-    int lda,
-    const float* b,
-    int ldb,
-    float beta,
-    float* c,
-    int ldc) {
-  int threads = std::min(cpu_threads(), 8);
-  bool by_columns = N >= M;
-  int64_t extent = by_columns ? N : M;
-  if (!blas::sequential() || threads <= 1 || static_cast<double>(M) * N * K < kSharedMacs ||
-      extent < 32) {
-    blas::sgemm(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  // Blocks of whole 16-wide panels, as the BLAS kernels tile them.
-  int64_t step = ((extent + threads - 1) / threads + 15) / 16 * 16;
-  int chunks = static_cast<int>((extent + step - 1) / step);
-  run_chunks(chunks, [&](int i) {
-    int64_t lo = i * step, n = std::min(extent, lo + step) - lo;
-    if (by_columns) {
-      blas::sgemm(ta, tb, M, n, K, alpha, a, lda, tb ? b + lo * ldb : b + lo, ldb, beta, c + lo, ldc);
-    } else {
-      blas::sgemm(ta, tb, n, N, K, alpha, ta ? a + lo : a + lo * lda, lda, b, ldb, beta, c + lo * ldc, ldc);
-    }
-  });
-}
-
 // out (B, M, N) = x (B, M, K) @ w^T + bias, all float32. A batch stride of 0
 // shares an operand across the batch; `bias` is (B, N) with stride `bias_stride`
 // (0: one bias for all), or null.
@@ -162,7 +120,7 @@ void affine(
   // x are evenly spaced across the batch.
   bool shared_w = B == 1 || w.batch_stride == 0;
   if (shared_w && !x.trans && (B == 1 || x.batch_stride == M * x.ld)) {
-    sgemm_shared(false, !w.trans, B * M, N, K, 1.0f, x.data, x.ld, w.data, w.ld, beta, out, N);
+    blas::sgemm_shared(false, !w.trans, B * M, N, K, 1.0f, x.data, x.ld, w.data, w.ld, beta, out, N);
     return;
   }
   for_tasks(B, static_cast<double>(M) * N * K, [&](int64_t b) {

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from metapeft import ops
+from metapeft.nn.fast import output_layer
 from metapeft.tasks import Episodes
 
 __all__ = ["IGNORE", "TextExample", "TextTasks", "lm_loss", "read_jsonl", "tokenize"]
@@ -256,12 +257,19 @@ class TextTasks:
 
 def lm_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
     """Mean next-token cross-entropy of ``model(x)`` over the targets ``y`` that are not
-    :data:`IGNORE` (MLX's ``loss_fn(model, x, y)`` convention; float32).
+    :data:`IGNORE` (MLX's ``loss_fn(model, x, y)`` convention; float32). For mlx-lm's
+    Llama-family models it never holds the logits (:func:`metapeft.ops.linear_cross_entropy`).
 
     Example:
         >>> loss = lm_loss(model, mx.array([[5, 6, 7]]), mx.array([[6, 7, -100]]))
     """
-    logits = model(x)
     mask = y != IGNORE
-    ce = ops.cross_entropy(logits, mx.where(mask, y, 0)) * mask
+    targets = mx.where(mask, y, 0)
+    split = output_layer(model)
+    if split is None:
+        ce = ops.cross_entropy(model(x), targets)
+    else:
+        body, weight = split
+        ce = ops.linear_cross_entropy(body(x), weight, targets)
+    ce = ce * mask
     return ce.sum() / mx.maximum(mask.sum(), 1)

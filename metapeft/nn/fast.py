@@ -25,6 +25,7 @@ training mode are carried over, and the model computes the same function.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -32,9 +33,9 @@ import mlx.nn as nn
 
 from metapeft import ops
 from metapeft.nn._modules import bare, carry_state, replace_modules
-from metapeft.nn.linear import use_blas_linear
+from metapeft.nn.linear import BLASLinear, use_blas_linear
 
-__all__ = ["BLASEmbedding", "use_fast_layers"]
+__all__ = ["BLASEmbedding", "output_layer", "use_fast_layers"]
 
 # mlx-lm model modules whose Attention and MLP classes the fast versions serve.
 _MLX_LM_FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
@@ -217,3 +218,23 @@ def use_fast_layers(model: nn.Module) -> nn.Module:
         paths = {p for p, m in model.named_modules() if _class_key(m) in calls}
         model = replace_modules(model, _fast_block, paths)
     return model
+
+
+def output_layer(model: nn.Module) -> tuple[Callable[[mx.array], mx.array], mx.array] | None:
+    """``(body, weight)`` such that ``model(x)`` is ``body(x) @ weight.T``, for the
+    mlx-lm Llama-family models whose output layer is a plain float one (tied
+    embeddings, or an ``lm_head`` without bias or adapter); else None. A loss can
+    then take the hidden states and the weight (:func:`metapeft.ops.linear_cross_entropy`).
+
+    Example:
+        >>> output_layer(nn.Linear(4, 8)) is None
+        True
+    """
+    if type(model).__name__ != "Model" or type(model).__module__ not in _MLX_LM_FAMILIES:
+        return None
+    tied = model.args.tie_word_embeddings
+    head = model.model.embed_tokens if tied else model.lm_head
+    plain = (nn.Embedding, BLASEmbedding) if tied else (nn.Linear, BLASLinear)
+    if type(head) not in plain or "bias" in head:
+        return None
+    return model.model, head["weight"]

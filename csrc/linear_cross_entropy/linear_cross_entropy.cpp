@@ -1,0 +1,250 @@
+#include "linear_cross_entropy/linear_cross_entropy.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "blas.h"
+#include "cross_entropy/cross_entropy.h"
+#include "linear/linear.h"
+#include "rows.h"
+#include "softmax/softmax.h"
+
+namespace metapeft {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[metapeft.linear_cross_entropy] " + msg);
+}
+
+// Each block of rows holds at most this many logits (16 MB in float32).
+constexpr int64_t kBlockLogits = 1 << 22;
+
+// Per row of `logits` (a block of rows, V wide): loss[r] = logsumexp - logits[t],
+// and logits[r] becomes softmax - onehot(t), the loss's gradient.
+METAPEFT_SIMD_CLONES
+void loss_and_grad_rows(
+    float* logits,
+    const int32_t* t,
+    float* loss,
+    int64_t begin,
+    int64_t end,
+    int64_t V) {
+  for (int64_t r = begin; r < end; ++r) {
+    float* lr = logits + r * V;
+    int32_t target = t[r];
+    bool ok = target >= 0 && target < V;
+    float picked = ok ? lr[target] : 0.0f;
+    float m = scaled_max(lr, V, 1.0f);
+    float sum = exp_sum(lr, lr, V, 1.0f, m);
+    loss[r] = ok ? m + std::log(sum) - picked : std::numeric_limits<float>::quiet_NaN();
+    Vec inv = splat(1.0f / sum);
+    for (int64_t j = 0; j < V; j += kLanes) {
+      int64_t left = V - j;
+      store(lr + j, load(lr + j, left, 0.0f) * inv, left);
+    }
+    if (ok) {
+      lr[target] -= 1.0f;
+    }
+  }
+}
+
+// The MLX-ops forms of the two outputs, on metapeft's products: what the
+// derivatives other than row_grads' first-order use are taken from.
+mx::array stock_loss(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
+  return cross_entropy(linear(x, w, std::nullopt, s), t, s);
+}
+
+mx::array stock_row_grads(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
+  auto logits = mx::astype(linear(x, w, std::nullopt, s), mx::float32, s);
+  int V = logits.shape(-1);
+  auto onehot = mx::equal(mx::expand_dims(t, -1, s), mx::arange(V, mx::int32, s), s);
+  auto g = mx::subtract(softmax(logits, 1.0f, false, s), mx::astype(onehot, mx::float32, s), s);
+  return linear(g, mx::astype(mx::swapaxes(w, -1, -2, s), mx::float32, s), std::nullopt, s);
+}
+
+// The outputs {loss, row_grads} for any x, weight and targets; a weight with a
+// leading task axis (T, V, d), paired with x (T, ..., d) under vmap, takes the
+// MLX-ops form.
+std::vector<mx::array> outputs_of(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
+  if (w.ndim() == 3) {
+    return {stock_loss(x, w, t, s), stock_row_grads(x, w, t, s)};
+  }
+  auto rows_shape = x.shape();
+  rows_shape.pop_back();
+  return mx::array::make_arrays(
+      {rows_shape, x.shape()},
+      {mx::float32, mx::float32},
+      std::make_shared<LinearCrossEntropy>(s),
+      {x, w, t});
+}
+
+} // namespace
+
+mx::array linear_cross_entropy(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& targets,
+    mx::StreamOrDevice s) {
+  check_float(x, "linear_cross_entropy", "x");
+  check_float(weight, "linear_cross_entropy", "weight");
+  if (!mx::issubdtype(targets.dtype(), mx::integer)) {
+    std::ostringstream os;
+    os << "[metapeft.linear_cross_entropy] targets must have an integer dtype, got " << targets.dtype();
+    throw DtypeError(os.str());
+  }
+  if (weight.ndim() != 2 || weight.shape(0) < 1) {
+    fail("weight must have shape (V, d) with V >= 1, got " + shape_str(weight.shape()));
+  }
+  if (x.ndim() < 1 || x.shape(-1) != weight.shape(1)) {
+    fail("x must have shape (..., " + std::to_string(weight.shape(1)) + ") for weight " +
+         shape_str(weight.shape()) + ", got " + shape_str(x.shape()));
+  }
+  auto rows_shape = x.shape();
+  rows_shape.pop_back();
+  if (targets.shape() != rows_shape) {
+    fail("targets must have shape " + shape_str(rows_shape) + " (x without its last axis), got " +
+         shape_str(targets.shape()));
+  }
+  auto stream = mx::to_stream(s);
+  // Dense int32 indices: the kernel reads them in place.
+  auto t = mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream);
+  if (stream.device == mx::Device::gpu) {
+    auto logits = mx::matmul(mx::astype(x, mx::float32, stream),
+                             mx::transpose(mx::astype(weight, mx::float32, stream), stream),
+                             stream);
+    return cross_entropy(logits, t, stream);
+  }
+  return outputs_of(x, weight, t, stream)[0];
+}
+
+void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = cpu_encoder(stream(), inputs, outputs);
+  int64_t rows = outputs[0].size();
+  int64_t d = inputs[0].shape(-1);
+  int64_t V = inputs[1].shape(0);
+  if (rows == 0) {
+    return;
+  }
+  encoder.dispatch([xo = operand(inputs[0]),
+                    wo = operand(inputs[1]),
+                    to = operand(inputs[2]),
+                    loss = outputs[0].data<float>(),
+                    row_grads = outputs[1].data<float>(),
+                    rows,
+                    d,
+                    V]() {
+    std::vector<float> sx, sw;
+    const float* xp = dense_float(xo, sx);
+    Mat w = as_mat(wo, false, sw);
+    auto tp = static_cast<const int32_t*>(to.ptr);
+    int64_t block = std::clamp<int64_t>(kBlockLogits / V, 1, rows);
+    std::vector<float> logits(block * V);
+    for (int64_t b = 0; b < rows; b += block) {
+      int64_t n = std::min(block, rows - b);
+      if (d > 0) {
+        blas::sgemm_shared(false, !w.trans, n, V, d, 1.0f, xp + b * d, d, w.data, w.ld, 0.0f,
+                           logits.data(), V);
+      } else {
+        std::fill(logits.begin(), logits.begin() + n * V, 0.0f);
+      }
+      for_rows(n, V, [&](int64_t begin, int64_t end) {
+        loss_and_grad_rows(logits.data(), tp + b, loss + b, begin, end, V);
+      });
+      if (d > 0) {
+        blas::sgemm_shared(false, w.trans, n, d, V, 1.0f, logits.data(), V, w.data, w.ld, 0.0f,
+                           row_grads + b * d, d);
+      }
+    }
+  });
+}
+
+void LinearCrossEntropy::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[metapeft.linear_cross_entropy] has no Metal kernel: on the GPU, "
+      "metapeft.ops.linear_cross_entropy is MLX's own ops");
+}
+
+std::vector<mx::Shape> LinearCrossEntropy::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.pop_back();
+  return {shape, inputs[0].shape()};
+}
+
+std::vector<mx::array> LinearCrossEntropy::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  auto s = stream();
+  auto& x = primals[0];
+  auto t = primals[2];
+  // MLX passes zeros for an output nothing depended on: row_grads, except in
+  // second order; the loss, in second order. Their terms are skipped.
+  bool loss_used = !is_zero_fill(cotangents[0]);
+  bool row_grads_used = !is_zero_fill(cotangents[1]);
+  std::vector<mx::array> through_row_grads;
+  if (row_grads_used) {
+    auto fn = [t, s](const std::vector<mx::array>& in) {
+      return std::vector<mx::array>{stock_row_grads(in[0], in[1], t, s)};
+    };
+    through_row_grads = mx::vjp(fn, {x, primals[1]}, {cotangents[1]}).second;
+  }
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 2) {
+      grads.push_back(mx::zeros_like(t, s));
+      continue;
+    }
+    std::optional<mx::array> g;
+    auto add = [&](const mx::array& a) { g = g ? mx::add(*g, a, s) : a; };
+    if (loss_used && arg == 0) {
+      add(mx::multiply(mx::expand_dims(cotangents[0], -1, s), outputs[1], s));
+    } else if (loss_used) {
+      auto fn = [x, t, s](const std::vector<mx::array>& in) {
+        return std::vector<mx::array>{stock_loss(x, in[0], t, s)};
+      };
+      add(mx::vjp(fn, {primals[1]}, {cotangents[0]}).second[0]);
+    }
+    if (row_grads_used) {
+      add(through_row_grads[arg]);
+    }
+    auto& p = primals[arg];
+    grads.push_back(g ? mx::astype(*g, p.dtype(), s) : mx::zeros_like(p, s));
+  }
+  return grads;
+}
+
+std::vector<mx::array> LinearCrossEntropy::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  auto s = stream();
+  auto t = primals[2];
+  auto fn = [t, s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{stock_loss(in[0], in[1], t, s), stock_row_grads(in[0], in[1], t, s)};
+  };
+  std::vector<int> float_args;
+  std::vector<mx::array> float_tangents;
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    if (argnums[i] != 2) {
+      float_args.push_back(argnums[i]);
+      float_tangents.push_back(tangents[i]);
+    }
+  }
+  return stock_jvp(fn, {primals[0], primals[1]}, float_tangents, float_args, s);
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> LinearCrossEntropy::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  int V = vmap_size(inputs, axes);
+  auto x = to_front(inputs[0], axes[0], V, s);
+  auto t = mx::contiguous(to_front(inputs[2], axes[2], V, s), false, s);
+  // An unmapped weight is shared: the mapped axis rides along with x's rows.
+  auto w = axes[1] >= 0 ? mx::moveaxis(inputs[1], axes[1], 0, s) : inputs[1];
+  return {outputs_of(x, w, t, s), {0, 0}};
+}
+
+} // namespace metapeft
