@@ -8,6 +8,7 @@ re-exported here.
 """
 
 import os
+from typing import Any
 
 # OpenBLAS's idle threads spin for about 0.1 s after each product by default.
 # The kernels' OpenBLAS and numpy's each keep such a pool, and MLX runs its own
@@ -19,33 +20,45 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import mlx.core  # noqa: E402, F401  (loads libmlx before the extension)
 
-from metapeft import blas, nn, ops, reference  # noqa: E402
-from metapeft.config import ConfigError, MetaLearningConfig  # noqa: E402
-from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile  # noqa: E402
+from metapeft import blas, learners, nn, ops, reference  # noqa: E402
+from metapeft.learners import MetaLearner  # noqa: E402
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs  # noqa: E402
 
 __version__ = "0.1.0"
 
-from metapeft.bench import BenchmarkRunner  # noqa: E402
-
 # Before any product: MKL's sgemm when the mkl package is installed (metapeft.blas).
 blas.select()
 
+# Loaded on first use: the config's schema needs pydantic, the runner the benchmark
+# package; the numerical core runs without either.
+_LAZY = {
+    "ConfigError": "metapeft.config",
+    "MetaLearningConfig": "metapeft.config",
+    "BenchmarkRunner": "metapeft.bench",
+}
+
 __all__ = [
-    "BenchmarkRunner",
-    "ConfigError",
-    "MetaLearningConfig",
-    "FOMAML",
-    "MAML",
+    *_LAZY,
+    *(cls.__name__ for cls in learners.ALGORITHMS.values()),
     "Episodes",
     "MetaLearner",
-    "MetaSGD",
-    "Reptile",
     "TaskConfig",
     "TaskDistribution",
     "__version__",
+    "learners",
     "load_task_configs",
     "nn",
     "ops",
     "reference",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return getattr(learners, name)  # the algorithms, by class name
+    except AttributeError:
+        raise AttributeError(f"module 'metapeft' has no attribute {name!r}") from None

@@ -62,6 +62,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from metapeft.files import atomic_write_text
+from metapeft.learners.registry import get_algorithm
 from metapeft.tasks import TaskConfig, get_family, load_task_configs
 
 __all__ = [
@@ -294,7 +295,8 @@ class TrainingSection(_Section):
     """The meta-learner and its schedule.
 
     Attributes:
-        algorithm: ``"maml"`` (second order), ``"fomaml"``, ``"metasgd"`` or ``"reptile"``.
+        algorithm: A name in :data:`metapeft.learners.ALGORITHMS`: ``"maml"`` (second
+            order), ``"fomaml"``, ``"metasgd"``, ``"reptile"``, ...
         num_iterations: Meta-steps to run.
         meta_batch_size: Tasks per meta-step.
         inner_lr: Step size of the inner SGD loop (Meta-SGD: the initial rates).
@@ -311,7 +313,7 @@ class TrainingSection(_Section):
         loss: ``"mse"`` for regression, ``"cross_entropy"`` for classification.
     """
 
-    algorithm: Literal["maml", "fomaml", "metasgd", "reptile"] = "maml"
+    algorithm: str = "maml"
     num_iterations: _PosInt = 2000
     meta_batch_size: _PosInt = 25
     inner_lr: _PosFloat = 0.01
@@ -324,6 +326,12 @@ class TrainingSection(_Section):
     eval_tasks: _PosInt = 100
     eval_steps: _NonNegInt = 10
     loss: Literal["mse", "cross_entropy"] = "mse"
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        get_algorithm(value)  # a ValueError that lists the registered algorithms
+        return value
 
 
 class OutputSection(_Section):

@@ -24,11 +24,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 
 from metapeft import checkpoint, machine, tracking
 from metapeft.bench.runner import BenchmarkRunner
-from metapeft.learners import FOMAML, MAML, MetaLearner, MetaSGD, Reptile
+from metapeft.learners import MetaLearner, get_algorithm
 from metapeft.nn import apply_lora, use_blas_linear
 from metapeft.tasks import TaskDistribution
 
@@ -105,23 +104,17 @@ def build_model(config: Any) -> nn.Module:
 
 
 def build_learner(config: Any, model: nn.Module) -> MetaLearner:
-    """The learner of ``config.training.algorithm`` with bias-corrected Adam outside."""
+    """The learner of ``config.training.algorithm`` with its usual outer optimizer
+    (bias-corrected Adam at ``outer_lr``; Reptile's own step at ``epsilon``)."""
     t = config.training
-    loss_fn = LOSSES[t.loss]
-    fast = config.model.blas_linear
-    if t.algorithm == "reptile":
-        return Reptile(
-            model,
-            epsilon=t.epsilon,
-            inner_lr=t.inner_lr,
-            inner_steps=t.inner_steps,
-            loss_fn=loss_fn,
-            fast=fast,
-        )
-    learner = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[t.algorithm]
-    adam = optim.Adam(t.outer_lr, bias_correction=True)
-    return learner(
-        model, adam, inner_lr=t.inner_lr, inner_steps=t.inner_steps, loss_fn=loss_fn, fast=fast
+    cls = get_algorithm(t.algorithm)
+    return cls.from_settings(
+        model,
+        getattr(t, cls.outer_lr_setting),
+        inner_lr=t.inner_lr,
+        inner_steps=t.inner_steps,
+        loss_fn=LOSSES[t.loss],
+        fast=config.model.blas_linear,
     )
 
 

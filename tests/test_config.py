@@ -433,7 +433,7 @@ def test_wrong_types(tmp_path: Path, yaml_text: str, field: str, shown: str, why
         ("training:\n  num_iterations: 0\n", "training.num_iterations", "0", "greater than or"),
         ("training:\n  eval_steps: -1\n", "training.eval_steps", "-1", "greater than or"),
         ("training:\n  seed: -3\n", "training.seed", "-3", "greater than or equal to 0"),
-        ("training:\n  algorithm: sgd\n", "training.algorithm", "'sgd'", "'maml', 'fomaml'"),
+        ("training:\n  algorithm: sgd\n", "training.algorithm", "'sgd'", "'fomaml', 'maml'"),
         ("model:\n  hidden: [40, 0]\n", "model.hidden[1]", "0", "greater than or equal to 1"),
         ("model:\n  activation: sigmoid\n", "model.activation", "'sigmoid'", "'relu', 'tanh'"),
         ("model:\n  lora: {rank: 0}\n", "model.lora.rank", "0", "greater than or equal to 1"),

@@ -84,25 +84,35 @@ mx::array stock_grad(const mx::array& logits, const mx::array& targets, const mx
 
 } // namespace
 
-mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s) {
-  check_float(logits, "cross_entropy", "logits");
+mx::array target_indices(
+    const mx::array& targets,
+    const mx::array& rows,
+    const std::string& op,
+    const std::string& rows_name,
+    mx::Stream s) {
   if (!mx::issubdtype(targets.dtype(), mx::integer)) {
     std::ostringstream os;
-    os << "[metapeft.cross_entropy] targets must have an integer dtype, got " << targets.dtype();
+    os << "[metapeft." << op << "] targets must have an integer dtype, got " << targets.dtype();
     throw DtypeError(os.str());
   }
+  auto rows_shape = rows.shape();
+  rows_shape.pop_back();
+  if (targets.shape() != rows_shape) {
+    throw std::invalid_argument(
+        "[metapeft." + op + "] targets must have shape " + shape_str(rows_shape) + " (" + rows_name +
+        " without its last axis), got " + shape_str(targets.shape()));
+  }
+  return mx::contiguous(mx::astype(targets, mx::int32, s), false, s);
+}
+
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s) {
+  check_float(logits, "cross_entropy", "logits");
   if (logits.ndim() < 1 || logits.shape(-1) < 1) {
     fail("logits must have shape (..., V) with V >= 1, got " + shape_str(logits.shape()));
   }
-  auto rows_shape = logits.shape();
-  rows_shape.pop_back();
-  if (targets.shape() != rows_shape) {
-    fail("targets must have shape " + shape_str(rows_shape) + " (logits without its last axis), got " +
-         shape_str(targets.shape()));
-  }
   auto stream = mx::to_stream(s);
-  // Dense int32 indices: the kernel reads them in place.
-  auto t = mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream);
+  auto t = target_indices(targets, logits, "cross_entropy", "logits", stream);
+  auto rows_shape = t.shape();
   if (stream.device == mx::Device::gpu) {
     auto lse = mx::logsumexp(mx::astype(logits, mx::float32, stream), std::vector<int>{-1}, false, stream);
     auto loss = mx::subtract(lse, target_logit(logits, t, stream), stream);

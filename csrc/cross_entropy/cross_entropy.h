@@ -11,6 +11,16 @@ namespace metapeft {
 // read before evaluation). On a GPU stream it is MLX's own ops.
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
 
+// `targets` checked against `rows` (an integer dtype; the shape of `rows` without
+// its last axis) and made dense int32, for `op`'s kernel to read in place;
+// `rows_name` names `rows` in the error.
+mx::array target_indices(
+    const mx::array& targets,
+    const mx::array& rows,
+    const std::string& op,
+    const std::string& rows_name,
+    mx::Stream s);
+
 class CrossEntropy : public mx::Primitive {
  public:
   explicit CrossEntropy(mx::Stream stream) : mx::Primitive(stream) {}

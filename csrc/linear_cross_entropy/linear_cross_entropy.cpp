@@ -1,7 +1,6 @@
 #include "linear_cross_entropy/linear_cross_entropy.h"
 
 #include <cmath>
-#include <sstream>
 
 #include "blas.h"
 #include "cross_entropy/cross_entropy.h"
@@ -88,11 +87,6 @@ mx::array linear_cross_entropy(
     mx::StreamOrDevice s) {
   check_float(x, "linear_cross_entropy", "x");
   check_float(weight, "linear_cross_entropy", "weight");
-  if (!mx::issubdtype(targets.dtype(), mx::integer)) {
-    std::ostringstream os;
-    os << "[metapeft.linear_cross_entropy] targets must have an integer dtype, got " << targets.dtype();
-    throw DtypeError(os.str());
-  }
   if (weight.ndim() != 2 || weight.shape(0) < 1) {
     fail("weight must have shape (V, d) with V >= 1, got " + shape_str(weight.shape()));
   }
@@ -100,15 +94,8 @@ mx::array linear_cross_entropy(
     fail("x must have shape (..., " + std::to_string(weight.shape(1)) + ") for weight " +
          shape_str(weight.shape()) + ", got " + shape_str(x.shape()));
   }
-  auto rows_shape = x.shape();
-  rows_shape.pop_back();
-  if (targets.shape() != rows_shape) {
-    fail("targets must have shape " + shape_str(rows_shape) + " (x without its last axis), got " +
-         shape_str(targets.shape()));
-  }
   auto stream = mx::to_stream(s);
-  // Dense int32 indices: the kernel reads them in place.
-  auto t = mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream);
+  auto t = target_indices(targets, x, "linear_cross_entropy", "x", stream);
   if (stream.device == mx::Device::gpu) {
     auto logits = mx::matmul(mx::astype(x, mx::float32, stream),
                              mx::transpose(mx::astype(weight, mx::float32, stream), stream),

@@ -21,7 +21,7 @@ from mlx.utils import tree_map
 
 from metapeft import ops, reference
 from metapeft.bench import peers
-from metapeft.learners import FOMAML, MAML, MetaSGD, Reptile
+from metapeft.learners import registry
 from metapeft.learners.base import MetaLearner
 from metapeft.nn import LoRALinear
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution
@@ -141,7 +141,7 @@ def reptile_update_fn(impl: str) -> Callable[[Any, Any], Any]:
 
 
 # ----------------------------------------------------------------------- learners
-ALGORITHMS = ("maml", "fomaml", "metasgd", "reptile")
+ALGORITHMS = tuple(registry.ALGORITHMS)
 
 
 def make_learner(
@@ -149,7 +149,7 @@ def make_learner(
 ) -> MetaLearner:
     """A learner of ``algorithm`` (one of :data:`ALGORITHMS`) with Adam outer steps; the
     batched one on metapeft's fast layers, the naive loop on the model's own."""
-    cls = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "reptile": Reptile}[algorithm]
+    cls = registry.get_algorithm(algorithm)
     return cls(model, inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, fast=batched)
 
 

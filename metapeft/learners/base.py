@@ -1,4 +1,11 @@
-"""MetaLearner: what every algorithm shares (state, the outer step, adapt, evaluate, save)."""
+"""MetaLearner: what every algorithm shares (state, the outer step, adapt, evaluate, save).
+
+An algorithm is a pure function, :meth:`MetaLearner.outer_step`, from the
+meta-parameters, the outer optimizer's state and a meta-batch to the new
+meta-parameters, the new state and the step's metrics. The class around it applies
+it (compiled, with the optimizer state passed in and out explicitly), commits the
+result only when it is finite, and saves and loads.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +19,17 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from metapeft import checkpoint
+from metapeft.learners import inner
 from metapeft.learners.core import (
-    FUSED_UPDATE,
-    REFERENCE_UPDATE,
     LossFn,
-    Update,
     inner_loop,
     make_task_loss,
+    merge_trees,
+    split_tree,
     stop_gradient,
     tree_distance,
 )
+from metapeft.learners.mapping import ALL_AT_ONCE, ONE_AT_A_TIME, TaskMap
 from metapeft.nn.fast import use_fast_layers
 
 # Per-task results of one task's meta-objective: (query loss, support loss, distance moved).
@@ -34,28 +42,34 @@ class MetaLearner:
     Only the model's trainable parameters are meta-learned (after
     :func:`metapeft.nn.apply_lora`, only the adapters). The inner loop adapts
     every task of a meta-batch at once (``mx.vmap`` over the task axis, fused
-    :func:`metapeft.ops.task_sgd` updates); ``batched=False`` selects the naive
-    reference instead, a Python loop over tasks with stock MLX updates that
-    gives the same numbers.
+    :func:`metapeft.ops.task_sgd` updates); ``batched=False`` adapts them one at a
+    time instead (a Python loop, gradients accumulated), which gives the same
+    numbers and holds one task's graph in memory.
 
     Args:
         model: Any ``mlx.nn.Module``; its trainable parameters are the meta-parameters.
         optimizer: The outer optimizer, any ``mlx.optimizers.Optimizer``.
-        inner_lr: Step size of the inner SGD loop.
+        inner_lr: Step size of the inner loop.
         inner_steps: Inner steps per task during meta-training.
-        batched: All tasks at once (fast path) or a loop over tasks (reference).
-        compile: Wrap the meta-step in ``mx.compile`` (batched path only).
+        batched: All tasks at once (``mx.vmap``) or one at a time.
+        compile: Wrap the meta-step in ``mx.compile`` (batched only).
+        loss_fn: ``loss_fn(model, x, y) -> scalar`` for one task (MLX's convention).
+            It may instead be given to :meth:`meta_train_step`, which remembers it
+            for :meth:`adapt` and :meth:`evaluate`.
         fast: Put the model on metapeft's fast path first
             (:func:`metapeft.nn.use_fast_layers`: BLAS products, fused attention,
             SwiGLU and tied output layers, in place, weights shared and results
             unchanged); False keeps the model's own layers.
-        loss_fn: ``loss_fn(model, x, y) -> scalar`` for one task (MLX's convention).
-            It may instead be given to :meth:`meta_train_step`, which remembers it
-            for :meth:`adapt` and :meth:`evaluate`.
+        inner_optimizer: The inner loop's optimizer (:mod:`metapeft.learners.inner`):
+            ``inner.sgd()`` (the default), ``inner.momentum()``, ``inner.adam()``.
     """
 
     name = "meta_learner"
     first_order = False
+    # The training config's field that holds this algorithm's outer step size, and
+    # that step size when none is given.
+    outer_lr_setting = "outer_lr"
+    default_outer_lr = 1e-3
 
     def __init__(
         self,
@@ -67,32 +81,55 @@ class MetaLearner:
         compile: bool = True,
         loss_fn: LossFn | None = None,
         fast: bool = True,
+        inner_optimizer: inner.InnerOptimizer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
-        if fast:
-            # In place. A model that is itself one swappable layer (a bare nn.Linear)
-            # is kept: the caller's object is the one that learns.
-            use_fast_layers(model)
         if inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr > 0):
             raise ValueError(f"inner_lr must be a finite float > 0, got {inner_lr!r}")
+        if inner_optimizer is not None and not isinstance(inner_optimizer, inner.InnerOptimizer):
+            raise TypeError(
+                "inner_optimizer must be an InnerOptimizer (metapeft.learners.inner.sgd(), "
+                f"momentum(), adam()), got {type(inner_optimizer).__name__}"
+            )
+        if fast:
+            # In place. A model that is itself one swappable layer (a bare nn.Linear)
+            # is kept: the caller's object is the one that learns.
+            use_fast_layers(model)
         if not tree_flatten(model.trainable_parameters()):
             raise ValueError("model has no trainable parameters to meta-learn")
         self.model = model
         self.optimizer = optimizer if optimizer is not None else self.default_optimizer()
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
-        self.batched = batched
+        self.inner_optimizer = inner_optimizer if inner_optimizer is not None else inner.sgd()
+        self.tasks: TaskMap = ALL_AT_ONCE if batched else ONE_AT_A_TIME
         self.loss_fn = loss_fn
         self.step = 0
-        self._compiled: dict[Any, Any] = {}
         self._use_compile = compile
+        self._compiled: tuple[LossFn, Any] | None = None
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, outer_lr: float, **kwargs: Any) -> MetaLearner:
+        """The learner with its usual outer optimizer at step size ``outer_lr``:
+        bias-corrected Adam, as published MAML (``kwargs`` as the constructor's)."""
+        return cls(model, optim.Adam(outer_lr, bias_correction=True), **kwargs)
 
     def default_optimizer(self) -> optim.Optimizer | None:
         """The outer optimizer when none is given: bias-corrected Adam, as published MAML."""
         return optim.Adam(1e-3, bias_correction=True)
+
+    @property
+    def batched(self) -> bool:
+        """All tasks of a meta-batch at once (True) or one at a time."""
+        return self.tasks.vectorized
+
+    @batched.setter
+    def batched(self, value: bool) -> None:
+        self.tasks = ALL_AT_ONCE if value else ONE_AT_A_TIME
+        self._compiled = None
 
     # ------------------------------------------------------------ meta-parameters
     def meta_parameters(self) -> dict[str, Any]:
@@ -106,6 +143,11 @@ class MetaLearner:
         """The inner learning rate(s) given the meta-parameters (a float, or a tree)."""
         return self.inner_lr
 
+    def inner_keys(self, params: Any) -> set[str] | None:
+        """The flat paths (``"layers.2.weight"``) of the parameters the inner loop
+        adapts; None: all of them."""
+        return None
+
     # ---------------------------------------------------------------- one task
     def adapt_task(
         self,
@@ -115,22 +157,35 @@ class MetaLearner:
         qx: mx.array,
         qy: mx.array,
         loss_fn: LossFn,
-        update: Update,
         steps: int | None = None,
         first_order: bool | None = None,
     ) -> tuple[Any, mx.array, mx.array]:
         """Adapt to one task's support set: (adapted params, query loss, support loss before)."""
         task_loss = make_task_loss(self.model, loss_fn)
+        params, rates = meta["params"], self.inner_rates(meta)
+        keys = self.inner_keys(params)
+        fixed: dict[str, Any] = {}
+        adapt_loss = task_loss
+        if keys is not None:
+            params, fixed = split_tree(params, keys)
+            if not isinstance(rates, (int, float)):
+                rates = split_tree(rates, keys)[0]
+
+            def adapt_loss(p: Any, x: mx.array, y: mx.array) -> mx.array:
+                return task_loss(merge_trees(fixed, p), x, y)
+
         adapted, support_loss = inner_loop(
-            task_loss,
-            meta["params"],
+            adapt_loss,
+            params,
             sx,
             sy,
-            self.inner_rates(meta),
+            rates,
             self.inner_steps if steps is None else steps,
-            update,
+            self.inner_optimizer,
             self.first_order if first_order is None else first_order,
         )
+        if keys is not None:
+            adapted = merge_trees(fixed, adapted)
         return adapted, task_loss(adapted, qx, qy), support_loss
 
     def task_objective(
@@ -141,103 +196,98 @@ class MetaLearner:
         qx: mx.array,
         qy: mx.array,
         loss_fn: LossFn,
-        update: Update,
     ) -> TaskResult:
         """One task's (query loss after adaptation, support loss before, distance moved)."""
-        adapted, query_loss, support_loss = self.adapt_task(meta, sx, sy, qx, qy, loss_fn, update)
+        adapted, query_loss, support_loss = self.adapt_task(meta, sx, sy, qx, qy, loss_fn)
         return query_loss, support_loss, tree_distance(adapted, meta["params"])
 
     # --------------------------------------------------------------- meta-step
+    def outer_step(
+        self, meta: dict, opt_state: Any, data: tuple, loss_fn: LossFn
+    ) -> tuple[dict, Any, dict[str, mx.array]]:
+        """The algorithm, a pure function: ``(meta-parameters, optimizer state,
+        meta-batch) -> (new meta-parameters, new state, metrics)``, lazily.
+        Gradient-based by default: the mean query loss after adaptation is the
+        meta-objective."""
+        (query, support, diff), grads = self.tasks.value_and_grad(
+            lambda m, *task: self.task_objective(m, *task, loss_fn), meta, data
+        )
+        new_meta, new_state = self.apply_optimizer(grads, meta, opt_state)
+        metrics = {"support_loss": support, "query_loss": query, "param_diff": diff}
+        return new_meta, new_state, metrics
+
+    def apply_optimizer(self, grads: Any, meta: Any, opt_state: Any) -> tuple[Any, Any]:
+        """The outer optimizer's step as a pure function of its state: it works on a
+        copy of ``opt_state``'s containers and leaves the optimizer's own state alone."""
+        opt = self.optimizer
+        committed = opt.state
+        opt.state = tree_map(lambda x: x, opt_state)
+        try:
+            return opt.apply_gradients(grads, meta), opt.state
+        finally:
+            opt.state = committed
+
+    def optimizer_state(self) -> Any:
+        """The outer optimizer's state initialised for the meta-parameters ({} without an
+        optimizer); the optimizer's own state is left as it is until a step commits."""
+        opt = self.optimizer
+        if opt is None:
+            return {}
+        committed = opt.state
+        opt.state = tree_map(lambda x: x, committed)
+        try:
+            opt.init(self.meta_parameters())
+            return opt.state
+        finally:
+            opt.state = committed
+
     def meta_train_step(self, episodes: Any, loss_fn: LossFn | None = None) -> dict[str, float]:
         """One outer step on a meta-batch; returns ``support_loss``, ``query_loss``, ``param_diff``.
 
         ``support_loss`` is the mean support loss before adaptation, ``query_loss``
         the mean query loss after it, ``param_diff`` the mean distance the inner
-        loop moved the parameters. A non-finite loss raises ``FloatingPointError``
-        and leaves the meta-parameters and the optimizer state as they were.
+        loop moved the parameters. A non-finite loss or update raises
+        ``FloatingPointError`` and leaves the meta-parameters and the optimizer
+        state as they were.
         """
         _num_tasks(episodes)
         loss_fn = self._loss(loss_fn)
         self.loss_fn = loss_fn
-        meta = self.meta_parameters()
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
-        state = self.optimizer.state if self.optimizer is not None else {}
-        saved = tree_map(lambda x: x, state)
-        try:
-            if self.batched:
-                new_meta, metrics = self._compiled_step(loss_fn)(meta, *data)
-            else:
-                new_meta, metrics = self.outer_step(meta, data, loss_fn, batched=False)
-            mx.eval(new_meta, metrics, state)
-            values = {k: v.item() for k, v in metrics.items()}
-        except BaseException:
-            # e.g. Ctrl-C mid-step: the optimizer state stays that of the last full step
-            _assign(state, saved)
-            self._compiled.clear()
-            raise
+        new_meta, new_state, metrics = self._step_function(loss_fn)(
+            self.meta_parameters(), self.optimizer_state(), *data
+        )
+        mx.eval(new_meta, new_state, metrics)
+        values = {k: v.item() for k, v in metrics.items() if k != "finite"}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if not metrics["finite"].item():
+            bad.append("meta-parameters")
         if bad:
-            _assign(state, saved)
             raise FloatingPointError(
                 f"{self.name}: non-finite {', '.join(bad)} at meta-step {self.step + 1}; "
-                f"meta-parameters kept from step {self.step}"
+                f"meta-parameters and optimizer state kept from step {self.step}"
             )
         self.set_meta_parameters(new_meta)
+        if self.optimizer is not None:
+            self.optimizer.state = new_state
         self.step += 1
         return values
 
-    def outer_step(
-        self, meta: dict, data: tuple, loss_fn: LossFn, batched: bool
-    ) -> tuple[dict, dict[str, mx.array]]:
-        """The new meta-parameters and the step's metrics, lazily; a pure function of
-        (meta-parameters, episodes) and the optimizer state. Gradient-based by default."""
-        (query, support, diff), grads = (
-            self._batched_grad(meta, data, loss_fn)
-            if batched
-            else self._naive_grad(meta, data, loss_fn)
-        )
-        new_meta = self.optimizer.apply_gradients(grads, meta)
-        return new_meta, {"support_loss": support, "query_loss": query, "param_diff": diff}
+    def _step_function(self, loss_fn: LossFn):
+        """:meth:`outer_step` with a finiteness flag, compiled when the task mapping
+        allows; the last one is kept, for the last ``loss_fn``."""
+        if self._compiled is not None and self._compiled[0] is loss_fn:
+            return self._compiled[1]
 
-    def _compiled_step(self, loss_fn: LossFn):
-        """``outer_step`` on the batched path, compiled with the optimizer state as state."""
-        if loss_fn not in self._compiled:
+        def step(meta, opt_state, *data):
+            new_meta, new_state, metrics = self.outer_step(meta, opt_state, data, loss_fn)
+            total = sum((mx.sum(leaf) for _, leaf in tree_flatten(new_meta)), mx.array(0.0))
+            return new_meta, new_state, {**metrics, "finite": mx.isfinite(total)}
 
-            def step(meta, *data):
-                return self.outer_step(meta, data, loss_fn, batched=True)
-
-            if self._use_compile:
-                state = []
-                if self.optimizer is not None:
-                    self.optimizer.init(self.meta_parameters())
-                    state = [self.optimizer.state]
-                step = mx.compile(step, inputs=state, outputs=state)
-            self._compiled[loss_fn] = step
-        return self._compiled[loss_fn]
-
-    def _batched_grad(self, meta: dict, data: tuple, loss_fn: LossFn) -> tuple:
-        def objective(meta, sx, sy, qx, qy):
-            per_task = mx.vmap(
-                lambda m, a, b, c, d: self.task_objective(m, a, b, c, d, loss_fn, FUSED_UPDATE),
-                in_axes=(None, 0, 0, 0, 0),
-            )(meta, sx, sy, qx, qy)
-            return tuple(r.mean() for r in per_task)
-
-        return mx.value_and_grad(objective)(meta, *data)
-
-    def _naive_grad(self, meta: dict, data: tuple, loss_fn: LossFn) -> tuple:
-        """The reference: one task at a time, stock MLX updates, gradients averaged."""
-        grad_fn = mx.value_and_grad(
-            lambda m, a, b, c, d: self.task_objective(m, a, b, c, d, loss_fn, REFERENCE_UPDATE)
-        )
-        tasks = data[0].shape[0]
-        total, grads = None, None
-        for t in range(tasks):
-            values, g = grad_fn(meta, *(a[t] for a in data))
-            total = values if total is None else tuple(map(mx.add, total, values))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(total, grads)
-        return tuple(v / tasks for v in total), tree_map(lambda g: g / tasks, grads)
+        if self._use_compile and self.tasks.compiles:
+            step = mx.compile(step)
+        self._compiled = (loss_fn, step)
+        return step
 
     # ------------------------------------------------------------ adapt, evaluate
     def adapt(
@@ -254,18 +304,11 @@ class MetaLearner:
         task's examples (no task axis). Returns a tree like
         ``model.trainable_parameters()``; load it with ``model.update(...)``.
         """
-        steps = self.inner_steps if steps is None else steps
         meta = stop_gradient(self.meta_parameters())
-        task_loss = make_task_loss(self.model, self._loss(loss_fn))
-        adapted, _ = inner_loop(
-            task_loss,
-            meta["params"],
-            support_x,
-            support_y,
-            self.inner_rates(meta),
-            steps,
-            FUSED_UPDATE,
-            first_order=True,
+        loss_fn = self._loss(loss_fn)
+        # The query set is the support set: its loss is not used.
+        adapted, _, _ = self.adapt_task(
+            meta, support_x, support_y, support_x, support_y, loss_fn, steps, first_order=True
         )
         mx.eval(adapted)
         return adapted
@@ -291,15 +334,14 @@ class MetaLearner:
 
         def one(m, sx, sy, qx, qy):
             adapted, query_loss, support_loss = self.adapt_task(
-                m, sx, sy, qx, qy, loss_fn, FUSED_UPDATE, steps=steps, first_order=True
+                m, sx, sy, qx, qy, loss_fn, steps=steps, first_order=True
             )
             if metric is None:
                 return query_loss, support_loss
             return query_loss, support_loss, metric(adapted, qx, qy)
 
-        results = mx.vmap(one, in_axes=(None, 0, 0, 0, 0))(
-            meta, episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
-        )
+        data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+        results = self.tasks.stack(one, meta, data)
         mx.eval(results)
         out = {
             "query_loss": results[0].mean().item(),
@@ -355,7 +397,6 @@ class MetaLearner:
         if trees.get("optimizer") and self.optimizer is not None:
             self.optimizer.state = trees["optimizer"]
         self.step = int(metadata.get("step", 0))
-        self._compiled.clear()  # compiled steps hold the old optimizer state
         return metadata.get("extra", {})
 
 
@@ -364,29 +405,6 @@ def _num_tasks(episodes: Any) -> int:
     if tasks < 1:
         raise ValueError("episodes hold no tasks (T=0)")
     return tasks
-
-
-def _assign(dst: Any, src: Any) -> None:
-    """Makes the containers of ``dst`` hold the leaves of ``src`` again, in place (the
-    compiled step keeps a reference to them)."""
-    if isinstance(dst, dict):
-        for key in [k for k in dst if k not in src]:
-            del dst[key]
-        items = src.items()
-    else:
-        del dst[len(src) :]
-        dst.extend(src[len(dst) :])
-        items = enumerate(src)
-    for key, value in items:
-        current = dst.get(key) if isinstance(dst, dict) else dst[key]
-        if (
-            isinstance(value, (dict, list))
-            and type(current) is type(value)
-            and current is not value
-        ):
-            _assign(current, value)
-        else:
-            dst[key] = value
 
 
 def _numpy(a: mx.array):

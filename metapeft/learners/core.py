@@ -2,10 +2,10 @@
 
 A learner never mutates the user's model during the inner loop: parameters live
 in trees, and the model is called with a given tree through :func:`call_with`,
-which restores the model's own parameters afterwards. The inner loop for one
-task is a pure function; the batched path is that same function under
-``mx.vmap`` over the task axis (MLX layers, and the fused primitives' own vmap
-rules turn it into one batched kernel per layer), the naive path a Python loop.
+which restores the model's own parameters afterwards. The inner loop for one task
+is a pure function of the parameters, the task's support set and the inner
+optimizer (:mod:`metapeft.learners.inner`); :mod:`metapeft.learners.mapping` runs
+it on every task of a meta-batch, all at once or one at a time.
 """
 
 from __future__ import annotations
@@ -15,16 +15,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from metapeft import ops, reference
+from metapeft.learners.inner import InnerOptimizer
 
 LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
-Update = Callable[[Any, Any, Any], Any]
-
-# The inner update of the fast path and of the naive reference path.
-FUSED_UPDATE: Update = ops.task_sgd
-REFERENCE_UPDATE: Update = reference.task_sgd
 
 
 def call_with(model: nn.Module, params: Any, fn: Callable[[nn.Module], Any]) -> Any:
@@ -59,26 +54,46 @@ def inner_loop(
     y: mx.array,
     lr: Any,
     steps: int,
-    update: Update,
+    optimizer: InnerOptimizer,
     first_order: bool,
 ) -> tuple[Any, mx.array]:
-    """``steps`` SGD steps on one task's support set.
+    """``steps`` steps of the inner ``optimizer`` on one task's support set, from a
+    fresh optimizer state.
 
     Returns the adapted parameters and the support loss before adaptation. With
     ``first_order`` the inner gradients are treated as constants (FOMAML, Reptile),
     so no second-order graph is built.
     """
     grad_fn = mx.value_and_grad(task_loss)
+    state = optimizer.init(params)
     first_loss = None
     for _ in range(steps):
         loss, grads = grad_fn(params, x, y)
         if first_order:
             grads = stop_gradient(grads)
         first_loss = loss if first_loss is None else first_loss
-        params = update(params, grads, lr)
+        params, state = optimizer.update(params, grads, state, lr)
     if first_loss is None:
         first_loss = task_loss(params, x, y)
     return params, first_loss
+
+
+def split_tree(tree: Any, keys: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The leaves of ``tree`` at the flat paths in ``keys``, and the others, as two flat
+    ``{path: leaf}`` dicts; :func:`merge_trees` puts them back together."""
+    flat = dict(tree_flatten(tree))
+    return (
+        {k: v for k, v in flat.items() if k in keys},
+        {k: v for k, v in flat.items() if k not in keys},
+    )
+
+
+def merge_trees(*flat: dict[str, Any]) -> Any:
+    """The nested tree of the flat ``{path: leaf}`` dicts, together."""
+    merged: dict[str, Any] = {}
+    for part in flat:
+        merged.update(part)
+    return tree_unflatten(list(merged.items()))
 
 
 def stop_gradient(tree: Any) -> Any:
@@ -93,8 +108,3 @@ def tree_distance(a: Any, b: Any) -> mx.array:
         for (_, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True)
     ]
     return mx.sqrt(sum(leaves, start=mx.array(0.0)))
-
-
-def broadcast_tasks(params: Any, num_tasks: int) -> Any:
-    """Each leaf repeated along a new leading task axis."""
-    return tree_map(lambda p: mx.broadcast_to(p, (num_tasks, *p.shape)), params)

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from metapeft import ops, reference
+from metapeft import ops
 from metapeft.learners.base import MetaLearner
-from metapeft.learners.core import (
-    FUSED_UPDATE,
-    REFERENCE_UPDATE,
-    LossFn,
-    stop_gradient,
-    tree_distance,
-)
+from metapeft.learners.core import LossFn, stop_gradient, tree_distance
+from metapeft.learners.inner import InnerOptimizer
 
 
 class Reptile(MetaLearner):
@@ -36,6 +32,8 @@ class Reptile(MetaLearner):
 
     name = "reptile"
     first_order = True
+    outer_lr_setting = "epsilon"
+    default_outer_lr = 0.1
 
     def __init__(
         self,
@@ -48,40 +46,43 @@ class Reptile(MetaLearner):
         compile: bool = True,
         loss_fn: LossFn | None = None,
         fast: bool = True,
+        inner_optimizer: InnerOptimizer | None = None,
     ) -> None:
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}")
-        super().__init__(model, optimizer, inner_lr, inner_steps, batched, compile, loss_fn, fast)
+        super().__init__(
+            model,
+            optimizer,
+            inner_lr,
+            inner_steps,
+            batched,
+            compile,
+            loss_fn,
+            fast,
+            inner_optimizer,
+        )
         self.epsilon = float(epsilon)
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, outer_lr: float, **kwargs: Any) -> Reptile:
+        """Reptile with its own outer step, ``epsilon = outer_lr``."""
+        return cls(model, epsilon=outer_lr, **kwargs)
 
     def default_optimizer(self) -> None:
         """Reptile's own outer step (``ops.reptile_update``) needs no optimizer."""
         return None
 
     def outer_step(
-        self, meta: dict, data: tuple, loss_fn: LossFn, batched: bool
-    ) -> tuple[dict, dict[str, mx.array]]:
+        self, meta: dict, opt_state: Any, data: tuple, loss_fn: LossFn
+    ) -> tuple[dict, Any, dict[str, mx.array]]:
         params = stop_gradient(meta["params"])
-        if batched:
-            adapted, query, support = mx.vmap(
-                lambda m, a, b, c, d: self.adapt_task(m, a, b, c, d, loss_fn, FUSED_UPDATE),
-                in_axes=(None, 0, 0, 0, 0),
-            )({"params": params}, *data)
-        else:
-            adapted, query, support = self._naive_adapt({"params": params}, data, loss_fn)
+        adapted, query, support = self.tasks.stack(
+            lambda m, *task: self.adapt_task(m, *task, loss_fn), {"params": params}, data
+        )
         diff = mx.vmap(tree_distance, in_axes=(0, None))(adapted, params).mean()
         metrics = {"support_loss": support.mean(), "query_loss": query.mean(), "param_diff": diff}
-        if self.optimizer is not None:
-            grads = tree_map(lambda p, a: p - a.mean(axis=0), params, adapted)
-            return self.optimizer.apply_gradients({"params": grads}, meta), metrics
-        update = ops.reptile_update if batched else reference.reptile_update
-        return {"params": update(params, adapted, self.epsilon)}, metrics
-
-    def _naive_adapt(self, meta: dict, args: tuple, loss_fn: LossFn) -> tuple:
-        """The reference: one task at a time with stock MLX updates, results stacked."""
-        results = []
-        for t in range(args[0].shape[0]):
-            results.append(self.adapt_task(meta, *(a[t] for a in args), loss_fn, REFERENCE_UPDATE))
-            mx.eval(results[-1])
-        adapted = tree_map(lambda *leaves: mx.stack(leaves), *[r[0] for r in results])
-        return adapted, mx.stack([r[1] for r in results]), mx.stack([r[2] for r in results])
+        if self.optimizer is None:
+            return {"params": ops.reptile_update(params, adapted, self.epsilon)}, opt_state, metrics
+        grads = tree_map(lambda p, a: p - a.mean(axis=0), params, adapted)
+        new_meta, new_state = self.apply_optimizer({"params": grads}, meta, opt_state)
+        return new_meta, new_state, metrics

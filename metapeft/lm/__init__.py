@@ -18,11 +18,12 @@ Example:
     >>> adapter = MetaLoRAAdapter.load("meta-init")
 """
 
+from metapeft.learners import ALGORITHMS
 from metapeft.lm.adapters import MetaLoRAAdapter, read_adapters, save_adapters
 from metapeft.lm.data import IGNORE, TextTasks, lm_loss, read_jsonl
 from metapeft.lm.memory import checkpoint_blocks
 from metapeft.lm.model import LoRASpec, QLoRALinear, adapter_paths, add_lora, load_model
-from metapeft.lm.train import ALGORITHMS, build_learner, meta_train_lora
+from metapeft.lm.train import build_learner, meta_train_lora
 
 __all__ = [
     "ALGORITHMS",

@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import yaml
 
 from metapeft.bench.runner import BenchmarkRunner
 from metapeft.files import atomic_write_text
-from metapeft.learners import FOMAML, MAML, MetaLearner, Reptile
+from metapeft.learners import MetaLearner, registry
 from metapeft.lm.adapters import ADAPTER_FILE, MetaLoRAAdapter, read_adapters, save_adapters
 from metapeft.lm.data import TextTasks, lm_loss
 from metapeft.lm.memory import checkpoint_blocks
 from metapeft.lm.model import LoRASpec, add_lora, is_quantized, load_model
 
-__all__ = ["ALGORITHMS", "build_learner", "meta_train_lora"]
+__all__ = ["build_learner", "meta_train_lora"]
 
-ALGORITHMS = ("reptile", "fomaml", "maml")
 LORA_CONFIG = "lora_config.yaml"
 
 
@@ -35,19 +33,20 @@ def build_learner(
 ) -> MetaLearner:
     """The learner for ``algorithm`` on ``model``'s adapters with :func:`lm_loss`.
 
-    Reptile's outer step size is ``outer_lr`` (its epsilon); MAML and FOMAML use
-    bias-corrected Adam at ``outer_lr``. ``fast`` as in the learners: the model on
-    metapeft's fast layers.
+    ``outer_lr`` is the outer step size: Reptile's epsilon, else the rate of
+    bias-corrected Adam. ``fast`` as in the learners: the model on metapeft's fast
+    layers.
     """
-    common = dict(
-        inner_lr=inner_lr, inner_steps=inner_steps, batched=batched, loss_fn=lm_loss, fast=fast
+    return registry.build_learner(
+        algorithm,
+        model,
+        outer_lr=outer_lr,
+        inner_lr=inner_lr,
+        inner_steps=inner_steps,
+        batched=batched,
+        loss_fn=lm_loss,
+        fast=fast,
     )
-    if algorithm == "reptile":
-        return Reptile(model, epsilon=outer_lr, **common)
-    if algorithm in ("fomaml", "maml"):
-        cls = FOMAML if algorithm == "fomaml" else MAML
-        return cls(model, optim.Adam(outer_lr, bias_correction=True), **common)
-    raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
 
 
 def meta_train_lora(
@@ -87,7 +86,8 @@ def meta_train_lora(
         model_path: mlx-lm model folder (or Hugging Face name when online).
         tasks_path: JSONL with ``task`` and ``text`` or ``prompt``/``completion``.
         output_dir: Where the adapters go.
-        algorithm: ``reptile``, ``fomaml`` or ``maml``.
+        algorithm: A name in :data:`metapeft.learners.ALGORITHMS` (``reptile``,
+            ``fomaml``, ``maml``, ...).
         rank, alpha, dropout: LoRA settings (mlx-lm's ``scale`` is ``alpha / rank``).
         target_modules: mlx-lm ``keys`` (paths inside a block); None: every Linear.
         num_layers: Adapt the last ``num_layers`` blocks; -1: all.
@@ -97,7 +97,8 @@ def meta_train_lora(
         meta_batch_size: Tasks per meta-step ``T``.
         support_size, query_size: Examples per task in each set.
         inner_lr, inner_steps: The inner SGD loop.
-        outer_lr: Reptile's epsilon or the Adam rate (default 0.1 and 1e-3).
+        outer_lr: Reptile's epsilon or the Adam rate (default: the algorithm's
+            ``default_outer_lr``, 0.1 and 1e-3).
         max_seq_length: Longer examples are cut.
         grad_checkpoint: Recompute block activations in the backward pass (tasks
             then adapt one at a time).
@@ -114,14 +115,13 @@ def meta_train_lora(
     Example:
         >>> summary = meta_train_lora("tiny-llama", "tasks.jsonl", "meta-init", steps=10)
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+    cls = registry.get_algorithm(algorithm)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(meta_batch_size, int) or meta_batch_size < 1:
         raise ValueError(f"meta_batch_size must be an int >= 1, got {meta_batch_size!r}")
     if outer_lr is None:
-        outer_lr = 0.1 if algorithm == "reptile" else 1e-3
+        outer_lr = cls.default_outer_lr
     model, tokenizer, _ = load_model(model_path)
     tasks = TextTasks.from_jsonl(
         tasks_path, tokenizer, support_size, query_size, max_seq_length, seed
