@@ -7,7 +7,7 @@ under its class name. A new algorithm is one learner file plus one line below.
 
 Example:
     >>> sorted(ALGORITHMS)
-    ['fomaml', 'maml', 'metasgd', 'reptile']
+    ['anil', 'fomaml', 'maml', 'metasgd', 'reptile']
     >>> build_learner("maml", nn.Linear(1, 1), outer_lr=1e-3).name  # doctest: +SKIP
     'maml'
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.nn as nn
 
+from metapeft.learners.anil import ANIL
 from metapeft.learners.base import MetaLearner
 from metapeft.learners.maml import FOMAML, MAML
 from metapeft.learners.metasgd import MetaSGD
@@ -26,7 +27,7 @@ from metapeft.learners.reptile import Reptile
 __all__ = ["ALGORITHMS", "build_learner", "get_algorithm"]
 
 ALGORITHMS: dict[str, type[MetaLearner]] = {
-    cls.name: cls for cls in (MAML, FOMAML, MetaSGD, Reptile)
+    cls.name: cls for cls in (MAML, FOMAML, MetaSGD, Reptile, ANIL)
 }
 
 
