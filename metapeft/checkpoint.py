@@ -4,6 +4,9 @@ Files are written atomically (a temporary file in the same folder, fsync, then
 rename), so a crash mid-save never damages the previous checkpoint. The metadata
 carries a SHA-256 of the tensor data, so flipped bytes are caught on load
 instead of being loaded as silently wrong weights.
+
+The layout is versioned (:data:`FORMAT`): a checkpoint of this or an older layout
+loads whichever metapeft version wrote it; a newer layout is refused by name.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 import metapeft
 from metapeft.files import atomic_write
 
-FORMAT = "metapeft-checkpoint-1"
+FORMAT_PREFIX = "metapeft-checkpoint-"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
 
 
 def save(path: str | Path, trees: dict[str, Any], metadata: dict[str, Any]) -> None:
@@ -74,17 +79,7 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         flat, raw = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX raises several types for a damaged file
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    try:
-        info = json.loads(raw["metapeft"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"{path}: not a metapeft checkpoint (no metapeft metadata)") from None
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {info.get('format')!r}")
-    if info.get("metapeft_version") != metapeft.__version__:
-        raise ValueError(
-            f"{path}: written by metapeft {info.get('metapeft_version')}, "
-            f"this is metapeft {metapeft.__version__}"
-        )
+    info = _info(path, raw)
     if _checksum(flat) != info.get("checksum"):
         raise ValueError(f"{path}: checksum mismatch, the tensor data is corrupted")
     trees: dict[str, Any] = {}
@@ -93,6 +88,46 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         items = [(k[len(prefix) :], v) for k, v in flat.items() if k.startswith(prefix)]
         trees[name] = tree_unflatten(items) if items else flat.get(name, {})
     return trees, info["metadata"]
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of the checkpoint at ``path`` (what :func:`save` was given), read
+    from the file's header without loading its tensors or checking their checksum.
+
+    Raises ``FileNotFoundError`` and ``ValueError`` as :func:`load`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= path.stat().st_size - 8:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+        raw = header.get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    return _info(path, raw)["metadata"]
+
+
+def _info(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """The metapeft entry of a checkpoint's safetensors metadata, checked for its format."""
+    try:
+        info = json.loads(raw["metapeft"])
+        fmt = info["format"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a metapeft checkpoint (no metapeft metadata)") from None
+    version = fmt[len(FORMAT_PREFIX) :] if isinstance(fmt, str) else ""
+    if not (isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX) and version.isdigit()):
+        raise ValueError(f"{path}: unsupported checkpoint format {fmt!r}")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {fmt!r}, written by metapeft "
+            f"{info.get('metapeft_version')}, is newer than this metapeft "
+            f"({metapeft.__version__}) reads (up to {FORMAT!r}): upgrade metapeft"
+        )
+    return info
 
 
 def check_like(path: str | Path, name: str, loaded: Any, expected: Any) -> None:

@@ -214,13 +214,21 @@ app.add_typer(bench_app, name="bench")
 
 
 def _run_config(checkpoint: Path):
-    """The saved config of the run a checkpoint belongs to (``RUN/checkpoints/x`` ->
-    ``RUN/config.yaml``)."""
+    """The resolved config a checkpoint of ``metapeft train`` records; for a checkpoint
+    written before checkpoints recorded it, its run's ``config.yaml``
+    (``RUN/checkpoints/x`` -> ``RUN/config.yaml``)."""
+    from metapeft import checkpoint as ckpt
     from metapeft.config import MetaLearningConfig
 
+    recorded = ckpt.read_metadata(checkpoint).get("extra", {}).get("config")
+    if recorded is not None:
+        return MetaLearningConfig.from_dict(recorded)
     config_path = checkpoint.parent.parent / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no config.yaml beside the checkpoint's run")
+        raise FileNotFoundError(
+            f"{checkpoint}: the checkpoint records no config (an older metapeft wrote it) "
+            f"and there is no {config_path} beside its run"
+        )
     return MetaLearningConfig.from_yaml(config_path)
 
 

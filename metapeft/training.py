@@ -183,11 +183,14 @@ def _train(
     tracker.start(config, resume=resume, step=learner.step)
     tracker.log_artifact(paths.config)
 
+    resolved = config.to_dict()
     # The sampler's state before the current step's draw: what a resumed run redraws from.
     rng_state = train_tasks.rng_state()
 
     def save(path: Path) -> None:
-        learner.save(path, {"task_rng": rng_state, "best_val_query_loss": best})
+        # The resolved config makes the checkpoint self-contained (evaluate, export).
+        extra = {"task_rng": rng_state, "best_val_query_loss": best, "config": resolved}
+        learner.save(path, extra)
         if path == paths.best:
             checkpoint.save_npz(paths.best_npz, learner.meta_parameters()["params"])
 

@@ -40,13 +40,33 @@ def test_npz_needs_the_suffix(tmp_path):
         checkpoint.save_npz(tmp_path / "best.bin", {"w": mx.ones(2)})
 
 
-def test_other_metapeft_version_names_the_file_and_versions(tmp_path, monkeypatch):
+def test_a_checkpoint_of_another_metapeft_version_loads(tmp_path, monkeypatch):
     path = tmp_path / "old.safetensors"
     monkeypatch.setattr(metapeft, "__version__", "0.0.1")
     checkpoint.save(path, {"meta": {"w": mx.ones(2)}}, {"step": 1})
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"old.safetensors: written by metapeft 0.0.1"):
-        checkpoint.load(path)
+    trees, metadata = checkpoint.load(path)
+    assert metadata == {"step": 1} and trees["meta"]["w"].tolist() == [1.0, 1.0]
+    assert checkpoint.read_metadata(path) == {"step": 1}
+
+
+def test_a_newer_checkpoint_format_is_refused_by_name(tmp_path, monkeypatch):
+    path = tmp_path / "new.safetensors"
+    monkeypatch.setattr(checkpoint, "FORMAT", checkpoint.FORMAT_PREFIX + "9")
+    checkpoint.save(path, {"meta": {"w": mx.ones(2)}}, {"step": 1})
+    monkeypatch.undo()
+    for read in (checkpoint.load, checkpoint.read_metadata):
+        with pytest.raises(ValueError, match=r"new.safetensors: checkpoint format .*-9.*upgrade"):
+            read(path)
+
+
+def test_a_truncated_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    checkpoint.save(path, {"meta": {"w": mx.ones(2)}}, {"step": 1})
+    path.write_bytes(path.read_bytes()[:20])
+    for read in (checkpoint.load, checkpoint.read_metadata):
+        with pytest.raises(ValueError, match="cut.safetensors: not a readable"):
+            read(path)
 
 
 def test_foreign_safetensors_names_the_file(tmp_path):

@@ -111,7 +111,7 @@ def test_evaluate_a_checkpoint(tmp_path):
     [
         (["train", "--config", "missing.yaml"], "missing.yaml"),
         (["train", "--profile", "nope"], "nope"),
-        (["evaluate", "nowhere/checkpoints/last.safetensors"], "config.yaml"),
+        (["evaluate", "nowhere/checkpoints/last.safetensors"], "no such checkpoint file"),
     ],
 )
 def test_user_errors_exit_1_with_one_line(tmp_path, args, message):

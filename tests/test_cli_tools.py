@@ -114,6 +114,22 @@ def test_export_mlx_lm_needs_lora(trained):
     assert result.exit_code == 1 and "unknown export format 'onnx'" in result.output
 
 
+def test_a_checkpoint_alone_is_enough_to_evaluate_and_export(lora_run, tmp_path):
+    """The checkpoint records its resolved config: copied out of its run folder, it
+    still evaluates and exports."""
+    alone = tmp_path / "elsewhere" / "best.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(lora_run / "checkpoints" / "best.safetensors", alone)
+    result = run("evaluate", alone, "--tasks", "10", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "query loss after 2 steps on 10 tasks" in result.output
+    result = run("export", alone, "--format", "mlx-lm", "-o", tmp_path / "adapters")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
+    assert run("export", alone).exit_code == 0
+    assert alone.with_suffix(".npz").is_file()
+
+
 def test_export_help_documents_the_formats():
     result = run("export", "--help")
     assert result.exit_code == 0
