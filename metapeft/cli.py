@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from metapeft.bench.cli import app as bench_app
+from metapeft.console import fail
 from metapeft.tracking import TrackingError
 
 # Errors that are the user's input or environment, not a bug: one line, exit 1.
@@ -35,17 +36,6 @@ ConfigOption = Annotated[
 ProfileOption = Annotated[
     str | None, typer.Option(help="Config profile to overlay, e.g. dev or prod.")
 ]
-
-
-def _fail(message: str | BaseException) -> typer.Exit:
-    from rich.console import Console
-
-    if isinstance(message, KeyError):  # str() of a KeyError is its repr
-        message = str(message.args[0])
-    console = Console(stderr=True)
-    console.print("[bold red]error:[/] ", end="")
-    console.print(str(message), highlight=False, markup=False, soft_wrap=True)
-    return typer.Exit(code=1)
 
 
 def _load_config(config: Path | None, profile: str | None, overrides: dict):
@@ -86,9 +76,9 @@ def validate(config: ConfigOption = None, profile: ProfileOption = None) -> None
     try:
         cfg = _load_config(config, profile, {})
     except USER_ERRORS as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if not selfcheck.run() or not selfcheck.run_learner(cfg):
-        raise _fail("the fused path disagrees with the reference (see above)")
+        raise fail("the fused path disagrees with the reference (see above)")
 
 
 @app.command()
@@ -129,7 +119,7 @@ def train(
     try:
         cfg = _load_config(config, profile, overrides)
     except USER_ERRORS as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console = Console()
     t = cfg.training
     console.print(
@@ -162,7 +152,7 @@ def train(
             raise typer.Exit(code=130) from None
         except (*USER_ERRORS, FloatingPointError) as e:
             progress.stop()
-            raise _fail(e) from None
+            raise fail(e) from None
     table = Table(title="summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -193,7 +183,7 @@ def evaluate(
         learner = training.build_learner(cfg, training.build_model(cfg))
         learner.load(checkpoint)
     except USER_ERRORS as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     _, eval_tasks = training.task_distributions(cfg)
     metric_fn = training.accuracy if cfg.training.loss == "cross_entropy" else None
     steps = cfg.training.eval_steps if steps is None else steps
@@ -275,7 +265,7 @@ def export(
 
     format = format.lower()
     if format not in ("npz", "mlx-lm"):
-        raise _fail(f"unknown export format {format!r}; choose npz or mlx-lm")
+        raise fail(f"unknown export format {format!r}; choose npz or mlx-lm")
     try:
         trees, _ = ckpt.load(checkpoint)
         params = trees["meta"]["params"]
@@ -292,7 +282,7 @@ def export(
             target = output if output is not None else checkpoint.parent.parent / "adapters"
             _export_adapters(target, params, lora)
     except USER_ERRORS as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"exported {checkpoint} -> {target}")
 
 
@@ -309,7 +299,7 @@ def plot(
     try:
         target = plotting.plot_losses(run_dir, output)
     except USER_ERRORS as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"wrote {target}")
 
 
@@ -359,7 +349,7 @@ def registry_register(
             name, checkpoint, metadata=_pairs(meta, "--metadata"), tags=_pairs(tag, "--tag")
         )
     except (*USER_ERRORS, KeyError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"registered {record.name} version {record.version} -> {record.path}")
 
 
@@ -378,7 +368,7 @@ def registry_list(
         registry = _registry(config, profile, index)
         records = [r for r in registry.list() if name is None or r.name == name]
     except (*USER_ERRORS, KeyError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     table = Table(title=registry.where)
     for column in ("name", "version", "path", "tags", "created"):
         table.add_column(column, overflow="fold")
@@ -404,7 +394,7 @@ def registry_load(
         record = registry.get(name, version)
         registry.load(name, record.version)
     except (*USER_ERRORS, KeyError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(json.dumps(record.to_dict(), indent=2))
 
 
@@ -435,7 +425,7 @@ def toolkit(
             return
         tk.dispatch([target, *ctx.args], prog="metapeft toolkit")
     except tk.ToolkitError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
 
 
 @app.command("meta-train-lora")
@@ -513,7 +503,7 @@ def meta_train_lora(
             **{k: v for k, v in options.items() if v is not None},
         )
     except (*USER_ERRORS, FloatingPointError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print(
         f"{summary['steps']} meta-steps in {summary['seconds']:.1f} s; adapters in "
         f"{summary['output_dir']} (mlx_lm.load(model, adapter_path=...); "
@@ -536,7 +526,7 @@ def convert_gguf(
     try:
         folder = convert(gguf, out_dir, dtype)
     except (*USER_ERRORS, ImportError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"wrote {folder} (mlx_lm.load, mlx_lm.generate and mlx_lm.lora take it)")
 
 

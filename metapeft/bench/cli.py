@@ -10,19 +10,14 @@ from typing import Annotated
 
 import typer
 
+from metapeft.console import fail
+
 app = typer.Typer(
     name="bench",
     help="Benchmark the fused paths against their references; compare and report results.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _fail(message: str | BaseException) -> typer.Exit:
-    """The command line's one-line error (imported here: metapeft.cli imports this module)."""
-    from metapeft.cli import _fail as fail
-
-    return fail(message)
 
 
 def _new_stem(folder: Path) -> Path:
@@ -63,7 +58,7 @@ def run(
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise _fail(f"cannot write to {folder}: {e.strerror or e}") from None
+        raise fail(f"cannot write to {folder}: {e.strerror or e}") from None
     console = Console()
     runner = BenchmarkRunner("metapeft bench" + (" --quick" if quick else ""))
     runner.conditions = prepare_process()
@@ -99,7 +94,7 @@ def run(
         f"{len(written)} plots; index {output_dir / 'README.md'}"
     )
     if failures:
-        raise _fail(
+        raise fail(
             f"{len(failures)} benchmark(s) failed (listed in {stem.with_suffix('.md')}): "
             + "; ".join(f"{f['label']} {f['params']}: {f['error']}" for f in failures)
         )
@@ -117,7 +112,7 @@ def compare(
     try:
         text = report.compare(report.load(a), report.load(b), names=(a.stem, b.stem))
     except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     _emit(text, out)
 
 
@@ -135,14 +130,14 @@ def report_command(
     try:
         data = json.loads(result.read_text())
     except (OSError, ValueError) as e:
-        raise _fail(f"{result}: cannot read ({e})") from None
+        raise fail(f"{result}: cannot read ({e})") from None
     if isinstance(data, dict) and "benchmarks" in data:
         text = report.pytest_markdown(data)
     else:
         try:
             data = report.load(result)
         except ValueError as e:
-            raise _fail(str(e)) from None
+            raise fail(str(e)) from None
         drawn = report.plot(data, result.with_suffix("")) if plots else None
         text = report.markdown(data, drawn)
     _emit(text, out)

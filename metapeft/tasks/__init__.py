@@ -15,11 +15,17 @@ Example:
     (8, 10, 1)
 """
 
+from metapeft.tasks import digits, sinusoid
 from metapeft.tasks.config import TaskConfig, load_task_configs
 from metapeft.tasks.digits import digits_classes, digits_data
 from metapeft.tasks.distribution import TaskDistribution
 from metapeft.tasks.episodes import Episodes
 from metapeft.tasks.registry import TaskFamily, get_family, known_families, register_family
+
+register_family("sinusoid", sinusoid.sample, validate=sinusoid.validate)
+register_family(
+    "digits", digits.sample, classification=True, validate=digits.validate, prepare=digits.prepare
+)
 
 __all__ = [
     "Episodes",

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from metapeft.tasks import digits, sinusoid
-
-if TYPE_CHECKING:
-    from metapeft.tasks.config import TaskConfig
-
 __all__ = ["TaskFamily", "get_family", "known_families", "register_family"]
 
+# The functions of a family take a TaskConfig first (not imported here: TaskConfig
+# checks its family against this registry).
 TaskArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-SampleFn = Callable[["TaskConfig", np.random.Generator], TaskArrays]
-CheckFn = Callable[["TaskConfig"], None]
+SampleFn = Callable[[Any, np.random.Generator], TaskArrays]
+CheckFn = Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -53,10 +50,8 @@ class TaskFamily:
     prepare: CheckFn | None = None
 
 
-_REGISTRY: dict[str, TaskFamily] = {
-    "sinusoid": TaskFamily("sinusoid", sinusoid.sample, False, sinusoid.validate),
-    "digits": TaskFamily("digits", digits.sample, True, digits.validate, digits.prepare),
-}
+# Filled by register_family; metapeft.tasks registers the built-in families.
+_REGISTRY: dict[str, TaskFamily] = {}
 
 
 def known_families() -> tuple[str, ...]:
