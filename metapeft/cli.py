@@ -88,6 +88,9 @@ def train(
     num_iterations: Annotated[int | None, typer.Option(help="Meta-steps to run.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Where outputs go.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save 'last' every N steps.")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate on held-out tasks every N steps.")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the model and the task sampler.")
     ] = None,
@@ -112,6 +115,7 @@ def train(
         "training": {
             "num_iterations": num_iterations,
             "checkpoint_every": checkpoint_every,
+            "eval_every": eval_every,
             "seed": seed,
         },
         "output": {"output_dir": output_dir},
@@ -122,8 +126,9 @@ def train(
         raise fail(e) from None
     console = Console()
     t = cfg.training
+    tasks = cfg.task.family if cfg.lm is None else f"{cfg.lm.tasks_file.name} ({cfg.lm.model.name})"
     console.print(
-        f"[bold]{t.algorithm}[/] on [bold]{cfg.task.family}[/]: {t.num_iterations} meta-steps of "
+        f"[bold]{t.algorithm}[/] on [bold]{tasks}[/]: {t.num_iterations} meta-steps of "
         f"{t.meta_batch_size} tasks -> {cfg.output.output_dir}"
     )
     progress = Progress(
@@ -180,14 +185,12 @@ def evaluate(
 
     try:
         cfg = _run_config(checkpoint)
-        learner = training.build_learner(cfg, training.build_model(cfg))
-        learner.load(checkpoint)
+        run = training.setup(cfg)
+        run.learner.load(checkpoint)
     except USER_ERRORS as e:
         raise fail(e) from None
-    _, eval_tasks = training.task_distributions(cfg)
-    metric_fn = training.accuracy if cfg.training.loss == "cross_entropy" else None
     steps = cfg.training.eval_steps if steps is None else steps
-    result = learner.evaluate(eval_tasks.sample(tasks), steps, metric_fn=metric_fn)
+    result = run.learner.evaluate(run.eval_tasks.sample(tasks), steps, metric_fn=run.metric_fn)
     console = Console()
     for name, values in [
         ("query loss", result["query_losses"]),
@@ -222,18 +225,25 @@ def _run_config(checkpoint: Path):
     return MetaLearningConfig.from_yaml(config_path)
 
 
-def _export_adapters(folder: Path, params, lora) -> None:
-    """The ``lora_a``/``lora_b`` leaves of ``params`` as an mlx-lm adapter folder."""
+def _export_adapters(folder: Path, params, cfg) -> None:
+    """The ``lora_a``/``lora_b`` leaves of ``params`` as an mlx-lm adapter folder, with
+    the adapter settings of the run's config ``cfg``."""
     from mlx.utils import tree_flatten
 
     from metapeft import __version__
-    from metapeft.lm import LoRASpec, save_adapters
+    from metapeft.lm import LoRASpec, read_adapters, save_adapters
 
+    lora = cfg.lm.lora if cfg.lm is not None else cfg.model.lora
+    if lora is None:
+        raise ValueError("its run has no LoRA adapters (model.lora is null); export it as npz")
     adapters = {k: v for k, v in tree_flatten(params) if k.endswith((".lora_a", ".lora_b"))}
     if not adapters:
         raise ValueError("no LoRA adapters (lora_a/lora_b) among the meta-parameters")
-    keys = tuple(lora.target_modules) if lora.target_modules else None
-    spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, keys=keys)
+    if cfg.lm is not None and cfg.lm.base_adapters is not None:
+        spec = read_adapters(cfg.lm.base_adapters)[1]
+    else:
+        keys = tuple(lora.target_modules) if lora.target_modules else None
+        spec = LoRASpec(lora.rank, lora.alpha, lora.dropout, keys, lora.num_layers)
     save_adapters(folder, adapters, spec, {"metapeft_version": __version__})
 
 
@@ -273,14 +283,12 @@ def export(
             target = output if output is not None else checkpoint.with_suffix(".npz")
             ckpt.save_npz(target, params)
         else:
-            lora = _run_config(checkpoint).model.lora
-            if lora is None:
-                raise ValueError(
-                    f"{checkpoint}: its run has no LoRA adapters (model.lora is null); "
-                    "export it as npz"
-                )
+            cfg = _run_config(checkpoint)
             target = output if output is not None else checkpoint.parent.parent / "adapters"
-            _export_adapters(target, params, lora)
+            try:
+                _export_adapters(target, params, cfg)
+            except ValueError as e:
+                raise ValueError(f"{checkpoint}: {e}") from None
     except USER_ERRORS as e:
         raise fail(e) from None
     typer.echo(f"exported {checkpoint} -> {target}")
@@ -430,10 +438,12 @@ def toolkit(
 
 @app.command("meta-train-lora")
 def meta_train_lora(
-    model: Annotated[str, typer.Option(help="mlx-lm model folder (or hub name when online).")],
+    model: Annotated[str, typer.Option(help="mlx-lm model folder.")],
     tasks: Annotated[Path, typer.Option(help="JSONL: task and text, or prompt/completion.")],
     output_dir: Annotated[Path, typer.Option(help="Where the mlx-lm adapters are written.")],
-    algorithm: Annotated[str | None, typer.Option(help="reptile, fomaml or maml.")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="An algorithm of metapeft.learners.ALGORITHMS.")
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale = alpha/rank).")] = None,
     dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
@@ -460,10 +470,13 @@ def meta_train_lora(
     task_loop: Annotated[bool, typer.Option(help="Adapt tasks one at a time.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the init and sampler.")] = None,
 ) -> None:
-    """Meta-learn a LoRA initialisation for an mlx-lm model; write it as mlx-lm adapters."""
+    """Meta-learn a LoRA initialisation for an mlx-lm model; write it as mlx-lm adapters.
+
+    A front-end to 'metapeft train' with an lm config section: OUTPUT_DIR is also the
+    run folder (config.yaml, metrics.jsonl, checkpoints/)."""
     from rich.console import Console
 
-    from metapeft import lm
+    from metapeft import training
 
     options = {
         "algorithm": algorithm,
@@ -493,7 +506,7 @@ def meta_train_lora(
         )
 
     try:
-        summary = lm.meta_train_lora(
+        summary = training.meta_train_lora(
             model,
             tasks,
             output_dir,

@@ -3,7 +3,9 @@
 A config has five sections: ``task`` (what tasks to draw), ``model`` (the network
 and its optional LoRA adapters), ``training`` (the meta-learner and its schedule),
 ``output`` (where a run writes) and ``tracking`` (where metrics go). Every field has
-a default, so ``MetaLearningConfig()`` is a short sinusoid MAML run.
+a default, so ``MetaLearningConfig()`` is a short sinusoid MAML run. An optional
+sixth, ``lm``, meta-trains LoRA adapters of an mlx-lm model over text tasks instead
+of ``task`` and ``model``.
 
 A run's config is built from layers, each merged over the one before:
 
@@ -22,7 +24,8 @@ whose message names the file, the field, the bad value, where it came from and w
 
 Paths: ``output.output_dir`` is relative to the working directory (like any output
 path on a command line). Paths inside a YAML file that point at inputs
-(``task.tasks_file``) are relative to that file, so a config and its task list travel
+(``task.tasks_file``, ``lm.model``, ``lm.tasks_file``, ``lm.base_adapters``) are relative
+to that file, so a config and its task list travel
 together; given in the environment or in ``overrides`` they are relative to the
 working directory. The validated config holds absolute paths, and
 :meth:`MetaLearningConfig.to_yaml` writes that resolved config, so a run's saved
@@ -69,6 +72,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
     "ConfigError",
+    "LMSection",
     "LoRASection",
     "MetaLearningConfig",
     "ModelSection",
@@ -87,7 +91,12 @@ DEFAULT_CONFIG = "sinusoid_maml"
 """The packaged config that :meth:`MetaLearningConfig.default` loads."""
 
 # Fields that name input files: relative paths resolve against the YAML file that set them.
-_INPUT_PATHS: tuple[tuple[str, ...], ...] = (("task", "tasks_file"),)
+_INPUT_PATHS: tuple[tuple[str, ...], ...] = (
+    ("task", "tasks_file"),
+    ("lm", "model"),
+    ("lm", "tasks_file"),
+    ("lm", "base_adapters"),
+)
 
 
 class ConfigError(ValueError):
@@ -265,13 +274,60 @@ class LoRASection(_Section):
         alpha: LoRA alpha; the adapter's scale is ``alpha / rank``.
         dropout: Dropout on the adapter input, in ``[0, 1)``.
         target_modules: Linear layers to adapt, by name as in mlx-lm's ``keys``
-            (``"layers.0"``); ``None`` for every Linear layer.
+            (``"layers.0"``; in an ``lm`` section, paths inside a transformer block,
+            ``"self_attn.q_proj"``); ``None`` for every Linear layer.
+        num_layers: In an ``lm`` section, adapt the last ``num_layers`` transformer
+            blocks; ``-1``: all of them.
     """
 
     rank: _PosInt = 8
     alpha: _PosFloat = 16.0
     dropout: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.0
     target_modules: Annotated[list[_Name], Field(min_length=1)] | None = None
+    num_layers: Annotated[int, Field(strict=True, ge=-1)] = -1
+
+    @field_validator("num_layers")
+    @classmethod
+    def _some_layers(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("num_layers must be >= 1, or -1 for all of them")
+        return value
+
+
+class LMSection(_Section):
+    """Meta-train LoRA adapters of an mlx-lm model over text tasks; with this section
+    the ``task`` and ``model`` sections are not used.
+
+    Attributes:
+        model: The mlx-lm model folder (relative paths: to the config file).
+        tasks_file: JSONL of text tasks: ``task`` and ``text``, or ``task``,
+            ``prompt`` and ``completion`` (:class:`metapeft.lm.TextTasks`).
+        support_size: Examples per task in the support set.
+        query_size: Examples per task in the query set.
+        max_seq_length: Longer examples are cut.
+        lora: The adapters, in mlx-lm's terms (``target_modules`` are its ``keys``).
+        base_adapters: An mlx-lm adapter folder to start from; its rank, scale,
+            dropout, keys and blocks replace ``lora``'s.
+        grad_checkpoint: Recompute block activations in the backward pass (tasks
+            then adapt one at a time).
+        task_loop: Adapt the tasks one at a time (less memory; always so for a
+            quantized model).
+    """
+
+    model: Path
+    tasks_file: FilePath
+    support_size: _PosInt = 4
+    query_size: _PosInt = 4
+    max_seq_length: _PosInt = 512
+    lora: LoRASection = Field(default_factory=LoRASection)
+    base_adapters: Path | None = None
+    grad_checkpoint: _Bool = False
+    task_loop: _Bool = False
+
+    @field_validator("model", "tasks_file", "base_adapters")
+    @classmethod
+    def _absolute_path(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
 
 
 class ModelSection(_Section):
@@ -383,6 +439,8 @@ class MetaLearningConfig(_Section):
         training: The meta-learner and its schedule (:class:`TrainingSection`).
         output: Where the run writes (:class:`OutputSection`).
         tracking: Where metrics go (:class:`TrackingSection`).
+        lm: A language model to meta-train LoRA adapters of (:class:`LMSection`);
+            None: the ``task`` and ``model`` sections describe the run.
 
     Example:
         >>> config = MetaLearningConfig.default(overrides={"training": {"inner_lr": 0.02}})
@@ -395,9 +453,12 @@ class MetaLearningConfig(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    lm: LMSection | None = None
 
     @model_validator(mode="after")
     def _loss_fits_task(self) -> MetaLearningConfig:
+        if self.lm is not None:
+            return self  # the loss is the next-token cross-entropy
         classes, loss = self.task.num_classes, self.training.loss
         if loss == "cross_entropy" and classes < 2:
             reason = f"cross_entropy needs a classification task (num_classes >= 2), got {classes}"

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,62 @@ def task_distributions(config: Any) -> tuple[TaskDistribution, TaskDistribution]
     )
 
 
+@dataclass
+class Setup:
+    """What a config builds: the model, its learner, the meta-training and held-out
+    task samplers, the metric reported beside the loss, and (``lm`` runs) the adapter
+    spec to export."""
+
+    model: nn.Module
+    learner: MetaLearner
+    train_tasks: Any
+    eval_tasks: Any
+    metric_fn: Any = None
+    lora: Any = None
+
+
+def setup(config: Any) -> Setup:
+    """The :class:`Setup` of ``config``: an MLP over task families, or (``lm``) an mlx-lm
+    model with LoRA adapters over text tasks."""
+    if config.lm is None:
+        model = build_model(config)
+        metric_fn = accuracy if config.training.loss == "cross_entropy" else None
+        return Setup(model, build_learner(config, model), *task_distributions(config), metric_fn)
+    from metapeft import lm
+    from metapeft.lm.model import is_quantized
+
+    spec = config.lm
+    t = config.training
+    model, tokenizer, _ = lm.load_model(spec.model)
+    mx.random.seed(t.seed)
+    if spec.base_adapters is not None:
+        adapter = lm.MetaLoRAAdapter.load(spec.base_adapters)
+        adapter.apply(model)
+        lora = adapter.spec
+    else:
+        lora = lm.LoRASpec(
+            spec.lora.rank,
+            spec.lora.alpha,
+            spec.lora.dropout,
+            spec.lora.target_modules,
+            spec.lora.num_layers,
+        )
+        lm.add_lora(model, lora)
+    if spec.grad_checkpoint:
+        lm.checkpoint_blocks(model)
+    # MLX 0.32 has no vmap rule for quantized products nor for mx.checkpoint: those
+    # models adapt their tasks one at a time.
+    batched = not (spec.task_loop or spec.grad_checkpoint or is_quantized(model))
+    cls = get_algorithm(t.algorithm)
+    learner = lm.build_learner(
+        model, t.algorithm, t.inner_lr, t.inner_steps, getattr(t, cls.outer_lr_setting), batched
+    )
+    sizes = (spec.support_size, spec.query_size, spec.max_seq_length)
+    train_tasks = lm.TextTasks.from_jsonl(spec.tasks_file, tokenizer, *sizes, t.seed)
+    eval_tasks = lm.TextTasks.from_jsonl(spec.tasks_file, tokenizer, *sizes, t.seed + 1_000_003)
+    return Setup(model, learner, train_tasks, eval_tasks, lora=lora)
+
+
 def train(
     config: Any,
     *,
@@ -167,11 +223,9 @@ def _train(
     """The run itself; :func:`train` wraps it in the run's log file and tracker."""
     logger.info("machine: %s", json.dumps(machine.info()))
     logger.info("config: %s", json.dumps(config.to_dict(), default=str))
-    model = build_model(config)
-    learner = build_learner(config, model)
-    metric_fn = accuracy if config.training.loss == "cross_entropy" else None
-    train_tasks, eval_tasks = task_distributions(config)
-    held_out = eval_tasks.sample(config.training.eval_tasks)
+    run = setup(config)
+    learner, metric_fn, train_tasks = run.learner, run.metric_fn, run.train_tasks
+    held_out = run.eval_tasks.sample(config.training.eval_tasks)
     best = float("inf")
     if resume:
         if not paths.last.is_file():
@@ -203,7 +257,8 @@ def _train(
             episodes = train_tasks.sample(config.training.meta_batch_size)
             start = time.perf_counter()
             metrics = learner.meta_train_step(episodes)
-            spent += time.perf_counter() - start
+            metrics["seconds"] = time.perf_counter() - start
+            spent += metrics["seconds"]
             done += 1
             rng_state = train_tasks.rng_state()
             step = learner.step
@@ -233,6 +288,11 @@ def _train(
         raise
     finally:
         interrupt.uninstall()
+    if run.lora is not None:
+        from metapeft.lm.train import export_adapters
+
+        info = {**config.to_dict()["training"], "final": metrics}
+        export_adapters(paths.root, run.model, run.lora, config.lm.model, info)
     logger.info("done: %d steps, best validation query loss %.6g", learner.step, best)
     return {
         "steps": learner.step,
@@ -242,6 +302,123 @@ def _train(
         "checkpoint": str(paths.last),
         "best_checkpoint": str(paths.best),
     }
+
+
+def meta_train_lora(
+    model_path: str | Path,
+    tasks_path: str | Path,
+    output_dir: str | Path,
+    *,
+    algorithm: str = "reptile",
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | None = None,
+    num_layers: int = -1,
+    base_adapters: str | Path | None = None,
+    steps: int = 100,
+    meta_batch_size: int = 4,
+    support_size: int = 4,
+    query_size: int = 4,
+    inner_lr: float = 0.05,
+    inner_steps: int = 3,
+    outer_lr: float | None = None,
+    max_seq_length: int = 512,
+    grad_checkpoint: bool = False,
+    task_loop: bool = False,
+    seed: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Meta-learns a LoRA initialisation of an mlx-lm model over the tasks of a JSONL
+    file and writes it to ``output_dir`` in mlx-lm's adapter format: a front-end to
+    :func:`train` with an ``lm`` config, so ``output_dir`` is also a run folder
+    (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``), evaluated once at the end
+    on ``meta_batch_size`` held-out draws.
+
+    Outputs: ``adapters.safetensors`` and ``adapter_config.json`` (``mlx_lm.load(model,
+    adapter_path=output_dir)`` reads them; the config also records the meta-training
+    settings and final metrics) and ``lora_config.yaml``, a config for ``mlx_lm.lora
+    -c`` that starts fine-tuning a new task from the meta-learned adapters.
+
+    Args:
+        model_path: mlx-lm model folder (or Hugging Face name when online).
+        tasks_path: JSONL with ``task`` and ``text`` or ``prompt``/``completion``.
+        output_dir: Where the adapters go.
+        algorithm: A name in :data:`metapeft.learners.ALGORITHMS` (``reptile``,
+            ``fomaml``, ``maml``, ...).
+        rank, alpha, dropout: LoRA settings (mlx-lm's ``scale`` is ``alpha / rank``).
+        target_modules: mlx-lm ``keys`` (paths inside a block); None: every Linear.
+        num_layers: Adapt the last ``num_layers`` blocks; -1: all.
+        base_adapters: An mlx-lm adapter folder to start from; its rank, scale,
+            dropout, keys and blocks replace ``rank`` ... ``num_layers``.
+        steps: Meta-steps.
+        meta_batch_size: Tasks per meta-step ``T``.
+        support_size, query_size: Examples per task in each set.
+        inner_lr, inner_steps: The inner SGD loop.
+        outer_lr: Reptile's epsilon or the Adam rate (default: the algorithm's
+            ``default_outer_lr``, 0.1 and 1e-3).
+        max_seq_length: Longer examples are cut.
+        grad_checkpoint: Recompute block activations in the backward pass (tasks
+            then adapt one at a time).
+        task_loop: Adapt tasks one at a time instead of all at once (less memory;
+            always the case on a quantized model).
+        seed: Seeds the adapter initialisation and the task sampler.
+        on_step: Called as ``on_step(step, metrics)`` after every meta-step; the
+            metrics include the step's wall time, ``seconds``.
+
+    Returns:
+        :func:`train`'s summary, with ``seconds`` (in meta-steps).
+
+    Example:
+        >>> summary = meta_train_lora("tiny-llama", "tasks.jsonl", "meta-init", steps=10)
+    """
+    from metapeft.config import MetaLearningConfig
+
+    cls = get_algorithm(algorithm)
+    for name, value in (("steps", steps), ("meta_batch_size", meta_batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "num_layers": num_layers}
+    if target_modules:
+        lora["target_modules"] = list(target_modules)
+    config = MetaLearningConfig.from_dict(
+        {
+            "lm": {
+                "model": str(model_path),
+                "tasks_file": str(tasks_path),
+                "support_size": support_size,
+                "query_size": query_size,
+                "max_seq_length": max_seq_length,
+                "lora": lora,
+                "base_adapters": None if base_adapters is None else str(base_adapters),
+                "grad_checkpoint": grad_checkpoint,
+                "task_loop": task_loop,
+            },
+            "training": {
+                "algorithm": algorithm,
+                "num_iterations": steps,
+                "meta_batch_size": meta_batch_size,
+                "inner_lr": inner_lr,
+                "inner_steps": inner_steps,
+                cls.outer_lr_setting: cls.default_outer_lr if outer_lr is None else outer_lr,
+                "seed": seed,
+                "checkpoint_every": steps,
+                "eval_every": steps,
+                "eval_tasks": meta_batch_size,
+                "eval_steps": inner_steps,
+            },
+            "output": {"output_dir": str(output_dir)},
+        }
+    )
+    seconds = 0.0
+
+    def step_done(step: int, metrics: dict[str, float]) -> None:
+        nonlocal seconds
+        seconds += metrics["seconds"]
+        if on_step is not None:
+            on_step(step, metrics)
+
+    return {**train(config, on_step=step_done), "seconds": seconds}
 
 
 class StepBoundaryInterrupt:

@@ -94,3 +94,16 @@ def test_meta_train_lora_timing_reads_every_step(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert [r["step"] for r in record["rows"]] == [1, 2, 3]
     assert all(r["seconds"] >= 0 for r in record["rows"])
+
+
+def test_the_packaged_text_tasks_are_what_make_text_tasks_writes(tmp_path):
+    out = tmp_path / "text_tasks.jsonl"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "make_text_tasks.py"), "--out", str(out)],
+        check=True,
+        timeout=120,
+    )
+    packaged = EXPERIMENTS.parent / "metapeft" / "configs" / "text_tasks.jsonl"
+    assert out.read_text() == packaged.read_text()
+    tasks = {json.loads(line)["task"] for line in out.read_text().splitlines()}
+    assert len(tasks) == 8

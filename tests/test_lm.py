@@ -29,7 +29,7 @@ from metapeft.lm import (  # noqa: E402
     save_adapters,
 )
 from metapeft.lm.random_model import ARCHITECTURES, save_random_model  # noqa: E402
-from metapeft.lm.train import meta_train_lora  # noqa: E402
+from metapeft.training import meta_train_lora  # noqa: E402
 
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 

@@ -4,8 +4,10 @@
   adapters where mlx-lm puts them (``num_layers``, ``lora_parameters["keys"]``);
   :class:`QLoRALinear` over 4-bit bases.
 - :class:`TextTasks` and :func:`lm_loss`: tasks from JSONL, padded and masked.
-- :func:`meta_train_lora`: Reptile, FOMAML or MAML over those tasks, exported as
-  ``adapters.safetensors`` + ``adapter_config.json``.
+- :func:`build_learner`: any registered algorithm over those tasks;
+  :func:`export_adapters` writes the result as ``adapters.safetensors`` +
+  ``adapter_config.json`` (a run with an ``lm`` config section, or
+  :func:`metapeft.training.meta_train_lora`, does both).
 - :class:`MetaLoRAAdapter`: a meta-learned initialisation to fine-tune from.
 - :func:`checkpoint_blocks`: gradient checkpointing of the transformer blocks.
 - :mod:`metapeft.lm.random_model`: small random models in mlx-lm's layout.
@@ -13,7 +15,8 @@
 Needs the ``lm`` extra (``pip install "metapeft[lm]"``, which installs mlx-lm).
 
 Example:
-    >>> from metapeft.lm import meta_train_lora, MetaLoRAAdapter
+    >>> from metapeft.lm import MetaLoRAAdapter
+    >>> from metapeft.training import meta_train_lora
     >>> meta_train_lora("tiny-llama", "tasks.jsonl", "meta-init", steps=10)
     >>> adapter = MetaLoRAAdapter.load("meta-init")
 """
@@ -23,7 +26,7 @@ from metapeft.lm.adapters import MetaLoRAAdapter, read_adapters, save_adapters
 from metapeft.lm.data import IGNORE, TextTasks, lm_loss, read_jsonl
 from metapeft.lm.memory import checkpoint_blocks
 from metapeft.lm.model import LoRASpec, QLoRALinear, adapter_paths, add_lora, load_model
-from metapeft.lm.train import build_learner, meta_train_lora
+from metapeft.lm.train import build_learner, export_adapters
 
 __all__ = [
     "ALGORITHMS",
@@ -35,10 +38,10 @@ __all__ = [
     "adapter_paths",
     "add_lora",
     "build_learner",
+    "export_adapters",
     "checkpoint_blocks",
     "lm_loss",
     "load_model",
-    "meta_train_lora",
     "read_adapters",
     "read_jsonl",
     "save_adapters",

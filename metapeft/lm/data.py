@@ -23,6 +23,7 @@ import numpy as np
 from metapeft import ops
 from metapeft.nn.fast import output_layer
 from metapeft.tasks import Episodes
+from metapeft.tasks.distribution import SeededSampler
 
 __all__ = ["IGNORE", "TextExample", "TextTasks", "lm_loss", "read_jsonl", "tokenize"]
 
@@ -119,7 +120,7 @@ def tokenize(tokenizer: Any, record: dict[str, str], line: int = 0) -> TextExamp
     return TextExample(tuple(int(t) for t in tokens), offset, line)
 
 
-class TextTasks:
+class TextTasks(SeededSampler):
     """A distribution over text tasks: each sampled task gives a support and a query
     set of its own examples, drawn without replacement.
 

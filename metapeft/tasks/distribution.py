@@ -21,7 +21,50 @@ __all__ = ["TaskDistribution"]
 SHARED_FIELDS = ("task_family", "input_dim", "num_classes", "support_size", "query_size")
 
 
-class TaskDistribution:
+class SeededSampler:
+    """A task sampler whose draws all come from one numpy ``Generator``, ``self.rng``:
+    its state can be saved with a checkpoint and restored to resume exactly."""
+
+    rng: np.random.Generator
+
+    def rng_state(self) -> dict[str, Any]:
+        """The generator's state, as a JSON-serialisable dict (for checkpoints).
+
+        Example:
+            >>> from metapeft.tasks import TaskConfig, TaskDistribution
+            >>> tasks = TaskDistribution(TaskConfig("sine", "sinusoid", 0, 1, 5, 5))
+            >>> state = tasks.rng_state()
+            >>> a = tasks.sample(2)
+            >>> tasks.set_rng_state(json.loads(json.dumps(state)))
+            >>> bool(mx.array_equal(tasks.sample(2).query_y, a.query_y))
+            True
+        """
+        return copy.deepcopy(self.rng.bit_generator.state)
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`rng_state`; sampling then continues identically.
+
+        Args:
+            state: A dict returned by :meth:`rng_state` (possibly via JSON).
+
+        Raises:
+            ValueError: If ``state`` is not such a dict.
+        """
+        expected = type(self.rng.bit_generator).__name__
+        if not isinstance(state, dict) or state.get("bit_generator") != expected:
+            raise ValueError(
+                f"rng state must be a dict from rng_state() with bit_generator "
+                f"{expected!r}, got {_short(state)}"
+            )
+        bit_generator = type(self.rng.bit_generator)()
+        try:
+            bit_generator.state = copy.deepcopy(state)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"invalid rng state {_short(state)}: {e}") from None
+        self.rng = np.random.Generator(bit_generator)
+
+
+class TaskDistribution(SeededSampler):
     """A distribution over tasks: draws meta-batches as :class:`Episodes`.
 
     Each task of a meta-batch picks one of the configs uniformly at random and is
@@ -86,7 +129,7 @@ class TaskDistribution:
             for config in self._configs:
                 self._family.prepare(config)
         self._seed = check_int("seed", seed, 0)
-        self._rng = np.random.default_rng(self._seed)
+        self.rng = np.random.default_rng(self._seed)
 
     @property
     def configs(self) -> tuple[TaskConfig, ...]:
@@ -151,14 +194,14 @@ class TaskDistribution:
             3
         """
         num_tasks = check_int("num_tasks", num_tasks, 1)
-        picks = self._rng.integers(len(self._configs), size=num_tasks)
+        picks = self.rng.integers(len(self._configs), size=num_tasks)
         drawn = [self._draw(self._configs[i]) for i in picks]
         stacked = [np.stack([task[j] for task in drawn]) for j in range(4)]
         return Episodes(*(mx.array(a) for a in stacked))
 
     def _draw(self, config: TaskConfig) -> list[np.ndarray]:
         """One task of ``config``, checked and cast to the documented dtypes."""
-        out = self._family.sample(config, self._rng)
+        out = self._family.sample(config, self.rng)
         where = f"task family {self.family!r} (task {config.task_id!r})"
         if not isinstance(out, (tuple, list)) or len(out) != 4:
             raise ValueError(f"{where} must return (support_x, support_y, query_x, query_y)")
@@ -194,41 +237,6 @@ class TaskDistribution:
             arrays[2].astype(np.float32, copy=False),
             arrays[3].astype(y_dtype, copy=False),
         ]
-
-    def rng_state(self) -> dict[str, Any]:
-        """The generator's state, as a JSON-serialisable dict (for checkpoints).
-
-        Example:
-            >>> tasks = TaskDistribution(TaskConfig("sine", "sinusoid", 0, 1, 5, 5))
-            >>> state = tasks.rng_state()
-            >>> a = tasks.sample(2)
-            >>> tasks.set_rng_state(json.loads(json.dumps(state)))
-            >>> bool(mx.array_equal(tasks.sample(2).query_y, a.query_y))
-            True
-        """
-        return copy.deepcopy(self._rng.bit_generator.state)
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`rng_state`; sampling then continues identically.
-
-        Args:
-            state: A dict returned by :meth:`rng_state` (possibly via JSON).
-
-        Raises:
-            ValueError: If ``state`` is not such a dict.
-        """
-        expected = type(self._rng.bit_generator).__name__
-        if not isinstance(state, dict) or state.get("bit_generator") != expected:
-            raise ValueError(
-                f"rng state must be a dict from rng_state() with bit_generator "
-                f"{expected!r}, got {_short(state)}"
-            )
-        bit_generator = type(self._rng.bit_generator)()
-        try:
-            bit_generator.state = copy.deepcopy(state)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"invalid rng state {_short(state)}: {e}") from None
-        self._rng = np.random.Generator(bit_generator)
 
 
 def _short(value: Any) -> str:
