@@ -25,8 +25,9 @@ from metapeft.learners import ALGORITHMS
 from metapeft.lm.adapters import MetaLoRAAdapter, read_adapters, save_adapters
 from metapeft.lm.data import IGNORE, TextTasks, lm_loss, read_jsonl
 from metapeft.lm.memory import checkpoint_blocks
-from metapeft.lm.model import LoRASpec, QLoRALinear, adapter_paths, add_lora, load_model
+from metapeft.lm.model import adapter_paths, add_lora, is_quantized, load_model
 from metapeft.lm.train import build_learner, export_adapters
+from metapeft.nn.lora import LoRASpec, QLoRALinear
 
 __all__ = [
     "ALGORITHMS",
@@ -37,6 +38,7 @@ __all__ = [
     "TextTasks",
     "adapter_paths",
     "add_lora",
+    "is_quantized",
     "build_learner",
     "export_adapters",
     "checkpoint_blocks",

@@ -17,7 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from metapeft.files import atomic_write, atomic_write_text
-from metapeft.lm.model import LoRASpec, add_lora
+from metapeft.lm.model import add_lora
+from metapeft.nn.lora import LoRASpec
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "MetaLoRAAdapter", "read_adapters", "save_adapters"]
 

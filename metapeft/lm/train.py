@@ -12,7 +12,7 @@ from metapeft.files import atomic_write_text
 from metapeft.learners import MetaLearner, registry
 from metapeft.lm.adapters import ADAPTER_FILE, save_adapters
 from metapeft.lm.data import lm_loss
-from metapeft.lm.model import LoRASpec
+from metapeft.nn.lora import LoRASpec
 
 __all__ = ["LORA_CONFIG", "build_learner", "export_adapters"]
 

@@ -1,10 +1,13 @@
 """LoRA layers for MLX models on the fused primitives of :mod:`metapeft.ops`.
 
-- :class:`LoRALinear`: a frozen linear layer plus a trainable adapter, with
-  mlx-lm's names and shapes; one adapter, or one per task (leading axis ``T``).
+- :class:`LoRALinear` (and :class:`QLoRALinear` over a quantized base): a frozen
+  linear layer plus a trainable adapter, with mlx-lm's names and shapes; one adapter,
+  or one per task (leading axis ``T``). :class:`LoRASpec` holds their settings.
 - :class:`BLASLinear` and :func:`use_blas_linear`: ``mlx.nn.Linear`` on the BLAS
   kernel of ``ops.linear``.
-- :func:`apply_lora` and :func:`fuse_lora`: convert a model in place, and back.
+- :func:`apply_lora` and :func:`fuse_lora`: convert a model in place, and back
+  (:func:`adapt_modules` attaches adapters at given paths, for plain and mlx-lm
+  models alike).
 - :func:`use_fast_layers`: a whole model (plain or mlx-lm) on the fast path:
   BLAS products, tied output layers, fused attention and SwiGLU.
 
@@ -21,12 +24,22 @@ Example:
 
 from metapeft.nn.fast import BLASEmbedding, use_fast_layers
 from metapeft.nn.linear import BLASLinear, use_blas_linear
-from metapeft.nn.lora import LoRALinear, apply_lora, fuse_lora
+from metapeft.nn.lora import (
+    LoRALinear,
+    LoRASpec,
+    QLoRALinear,
+    adapt_modules,
+    apply_lora,
+    fuse_lora,
+)
 
 __all__ = [
     "BLASEmbedding",
     "BLASLinear",
     "LoRALinear",
+    "LoRASpec",
+    "QLoRALinear",
+    "adapt_modules",
     "apply_lora",
     "fuse_lora",
     "use_blas_linear",

@@ -11,15 +11,105 @@ import copy
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from metapeft import ops
 from metapeft.nn._modules import bare, carry_state, replace_modules
-from metapeft.nn.linear import use_blas_linear
+from metapeft.nn.fast import dequantized_weight, quantized_product, use_fast_layers
 
-__all__ = ["LoRALinear", "apply_lora", "fuse_lora"]
+__all__ = ["LoRALinear", "LoRASpec", "QLoRALinear", "adapt_modules", "apply_lora", "fuse_lora"]
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """How big the adapters are and where they go, in mlx-lm's terms: the one spec of
+    :func:`apply_lora`, :func:`metapeft.lm.add_lora` and adapter files.
+
+    Attributes:
+        rank: Adapter rank ``r >= 1``.
+        alpha: LoRA alpha, finite and ``> 0``; mlx-lm's ``scale`` is ``alpha / rank``.
+        dropout: Dropout on the adapter input, in ``[0, 1)``.
+        keys: Which modules: for an mlx-lm model, paths relative to a transformer
+            block (``"self_attn.q_proj"``, mlx-lm's ``lora_parameters["keys"]``); for
+            :func:`apply_lora`, path suffixes (``"layers.0"``). None: every Linear.
+        num_layers: For an mlx-lm model, adapt the last ``num_layers`` blocks;
+            ``-1``: all of them.
+
+    Example:
+        >>> LoRASpec(rank=8, alpha=16.0).lora_parameters()["scale"]
+        2.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    keys: tuple[str, ...] | None = None
+    num_layers: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, numbers.Integral) or isinstance(self.rank, bool):
+            raise TypeError(f"rank must be an int, got {type(self.rank).__name__}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        for name, value in (("alpha", self.alpha), ("dropout", self.dropout)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.keys is not None:
+            keys = (self.keys,) if isinstance(self.keys, str) else tuple(self.keys)
+            if not keys or any(not isinstance(k, str) or not k for k in keys):
+                raise ValueError(f"keys must be non-empty module names, got {self.keys!r}")
+            object.__setattr__(self, "keys", keys)
+        if not isinstance(self.num_layers, int) or self.num_layers == 0 or self.num_layers < -1:
+            raise ValueError(f"num_layers must be >= 1 or -1 (all), got {self.num_layers!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def lora_parameters(self) -> dict[str, Any]:
+        """mlx-lm's ``lora_parameters`` (``rank``, ``scale``, ``dropout``, ``keys`` if set)."""
+        params: dict[str, Any] = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}
+        if self.keys is not None:
+            params["keys"] = list(self.keys)
+        return params
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["keys"] = None if self.keys is None else list(self.keys)
+        return d
+
+    @classmethod
+    def from_adapter_config(cls, config: dict[str, Any], source: str | Path) -> LoRASpec:
+        """The spec of an mlx-lm ``adapter_config.json`` (already parsed); ``source``
+        names the file in errors."""
+        if config.get("fine_tune_type", "lora") != "lora":
+            raise ValueError(
+                f"{source}: fine_tune_type {config.get('fine_tune_type')!r} is not supported "
+                "(only 'lora' adapters)"
+            )
+        params = config.get("lora_parameters")
+        if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
+            raise ValueError(f"{source}: lora_parameters with 'rank' and 'scale' are missing")
+        rank = int(params["rank"])
+        try:
+            return cls(
+                rank=rank,
+                alpha=float(params["scale"]) * rank,
+                dropout=float(params.get("dropout", 0.0)),
+                keys=params.get("keys"),
+                num_layers=int(config.get("num_layers", -1)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 class LoRALinear(nn.Module):
@@ -80,7 +170,7 @@ class LoRALinear(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        check_lora_args(rank, alpha, dropout)
+        LoRASpec(rank, alpha, dropout)  # checks the settings
         base = nn.Linear(input_dims, output_dims, bias=bias)
         self._attach(base, rank, alpha, dropout)
 
@@ -104,7 +194,7 @@ class LoRALinear(nn.Module):
             >>> layer.lora_a.shape, layer.lora_b.shape
             ((16, 4), (4, 4))
         """
-        check_lora_args(rank, alpha, dropout)
+        LoRASpec(rank, alpha, dropout)  # checks the settings
         if not isinstance(linear, nn.Linear):
             hint = " (dequantize it first)" if isinstance(linear, nn.QuantizedLinear) else ""
             raise TypeError(f"linear must be an mlx.nn.Linear, got {type(linear).__name__}{hint}")
@@ -119,12 +209,12 @@ class LoRALinear(nn.Module):
     def _attach(self, linear: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
         """Takes the base arrays of ``linear`` and draws a fresh adapter."""
         d_out, d_in = linear["weight"].shape
-        bound = 1.0 / math.sqrt(d_in)
+        lora_a, lora_b = _fresh_adapter(d_in, d_out, rank)
         self._set(
             weight=linear["weight"],
             bias=linear.get("bias"),
-            lora_a=mx.random.uniform(low=-bound, high=bound, shape=(d_in, rank)),
-            lora_b=mx.zeros((rank, d_out)),
+            lora_a=lora_a,
+            lora_b=lora_b,
             scale=alpha / rank,
             dropout=nn.Dropout(p=dropout),
         )
@@ -238,18 +328,82 @@ class LoRALinear(nn.Module):
             >>> layer.fuse().weight.shape
             (4, 16)
         """
-        if self.num_tasks is not None:
-            raise ValueError(
-                f"fuse needs a single adapter, but this layer has num_tasks={self.num_tasks}; "
-                "select one task's adapter (e.g. layer.update({'lora_a': a[t], 'lora_b': b[t]}))"
-            )
         weight = self["weight"]
-        # (lora_a @ lora_b).T == lora_b.T @ lora_a.T == ops.linear(lora_b.T, lora_a)
-        delta = ops.linear(self["lora_b"].T, self["lora_a"])
         fused = bare(nn.Linear)
-        fused.weight = (weight.astype(mx.float32) + self.scale * delta).astype(weight.dtype)
+        fused.weight = (weight.astype(mx.float32) + _adapter_delta(self)).astype(weight.dtype)
         if "bias" in self:
             fused.bias = self["bias"]
+        return carry_state(self, fused)
+
+
+class QLoRALinear(nn.Module):
+    """A frozen quantized linear layer plus a trainable low-rank update (QLoRA).
+
+    The base keeps the arrays of ``mlx.nn.QuantizedLinear`` (``weight``, ``scales``,
+    ``biases``, optional ``bias``) under the same names, so the model's base
+    parameters keep their paths; ``lora_a (d_in, r)`` and ``lora_b (r, d_out)`` are
+    float32, as in :class:`metapeft.nn.LoRALinear` and mlx-lm. Per-task adapters
+    (a leading axis ``T``) take inputs ``(T, ..., d_in)``.
+
+    On the CPU the base product is the dequantized weight's BLAS product (MLX's CPU
+    ``quantized_matmul`` is a naive loop); on a GPU it is ``quantized_matmul``. MLX
+    0.32 has no ``vmap`` rule for quantized products, so meta-learners run a quantized
+    model with ``batched=False`` (tasks one at a time).
+
+    Example:
+        >>> base = nn.QuantizedLinear(64, 32, group_size=32, bits=4)
+        >>> QLoRALinear.from_base(base, rank=4)(mx.ones((2, 64))).shape
+        (2, 32)
+    """
+
+    @classmethod
+    def from_base(
+        cls, qlinear: nn.QuantizedLinear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> QLoRALinear:
+        """Wraps ``qlinear`` (arrays shared) with a fresh adapter, drawn as
+        :class:`LoRALinear`'s."""
+        LoRASpec(rank, alpha, dropout)  # checks the settings
+        if not isinstance(qlinear, nn.QuantizedLinear):
+            raise TypeError(f"qlinear must be an nn.QuantizedLinear, got {type(qlinear).__name__}")
+        layer = bare(cls)
+        for key in ("weight", "scales", "biases", "bias"):
+            if key in qlinear:
+                layer[key] = qlinear[key]
+        layer.group_size, layer.bits, layer.mode = qlinear.group_size, qlinear.bits, qlinear.mode
+        d_out = qlinear["scales"].shape[0]
+        d_in = qlinear["weight"].shape[1] * 32 // qlinear.bits
+        layer.lora_a, layer.lora_b = _fresh_adapter(d_in, d_out, rank)
+        layer.scale = alpha / rank
+        layer.dropout = nn.Dropout(p=dropout)
+        layer.freeze(
+            recurse=False, keys=[k for k in ("weight", "scales", "biases", "bias") if k in layer]
+        )
+        layer.train(qlinear.training)
+        return layer
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out = quantized_product(self, x)
+        low = ops.linear(self.dropout(x), mx.swapaxes(self["lora_a"], -1, -2))
+        low = ops.linear(low, mx.swapaxes(self["lora_b"], -1, -2))
+        return out + (self.scale * low).astype(out.dtype)
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The layer computing the same map with the adapter merged: the weight
+        dequantized, ``scale * (lora_a @ lora_b).T`` added in float32, then quantized
+        again as before (``nn.QuantizedLinear``, rounding the sum to its groups, as
+        mlx-lm's fuse does) or, with ``dequantize``, kept as an ``nn.Linear``.
+
+        Example:
+            >>> layer = QLoRALinear.from_base(nn.QuantizedLinear(64, 32, group_size=32, bits=4))
+            >>> type(layer.fuse()).__name__, type(layer.fuse(dequantize=True)).__name__
+            ('QuantizedLinear', 'Linear')
+        """
+        fused = bare(nn.Linear)
+        fused.weight = dequantized_weight(self) + _adapter_delta(self)
+        if "bias" in self:
+            fused.bias = self["bias"]
+        if not dequantize:
+            fused = nn.QuantizedLinear.from_linear(fused, self.group_size, self.bits, self.mode)
         return carry_state(self, fused)
 
 
@@ -261,20 +415,28 @@ def _base(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     return ops.linear(x, weight, bias)
 
 
-def check_lora_args(rank: int, alpha: float, dropout: float) -> None:
-    """Raises ``TypeError``/``ValueError`` naming the argument unless ``rank >= 1`` is an
-    int, ``alpha > 0`` is finite and ``0 <= dropout < 1``."""
-    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    for name, value in (("alpha", alpha), ("dropout", dropout)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be finite and > 0, got {alpha}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+def _fresh_adapter(d_in: int, d_out: int, rank: int) -> tuple[mx.array, mx.array]:
+    """A fresh adapter, as mlx-lm draws it: ``lora_a (d_in, r)`` uniform in
+    ``±1/sqrt(d_in)``, ``lora_b (r, d_out)`` zero (so the layer starts as its base)."""
+    bound = 1.0 / math.sqrt(d_in)
+    return mx.random.uniform(-bound, bound, (d_in, rank)), mx.zeros((rank, d_out))
+
+
+def _adapter_delta(layer: nn.Module) -> mx.array:
+    """``scale * (lora_a @ lora_b).T``, the ``(d_out, d_in)`` float32 update a single
+    adapter adds to its base weight."""
+    if layer["lora_a"].ndim != 2:
+        raise ValueError(
+            f"fuse needs a single adapter, but this layer has "
+            f"num_tasks={layer['lora_a'].shape[0]}; "
+            "select one task's adapter (e.g. layer.update({'lora_a': a[t], 'lora_b': b[t]}))"
+        )
+    # (lora_a @ lora_b).T == lora_b.T @ lora_a.T == ops.linear(lora_b.T, lora_a)
+    return layer.scale * ops.linear(layer["lora_b"].T, layer["lora_a"])
+
+
+# The layers adapters go on.
+_ADAPTABLE = (nn.Linear, nn.QuantizedLinear)
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -290,36 +452,39 @@ def apply_lora(
     target_modules: Sequence[str] | str | None = None,
     blas_linear: bool = True,
 ) -> nn.Module:
-    """Turns ``model`` into a LoRA model in place: adapters on the chosen Linear layers,
+    """Turns ``model`` into a LoRA model in place: adapters on the chosen linear layers,
     everything else frozen.
 
-    1. Each ``mlx.nn.Linear`` (or subclass) whose dotted path, as in
-       ``model.named_modules()``, matches ``target_modules`` becomes a
-       :class:`LoRALinear` built by :meth:`LoRALinear.from_base`.
+    1. Each ``mlx.nn.Linear`` (or subclass) or ``mlx.nn.QuantizedLinear`` whose dotted
+       path, as in ``model.named_modules()``, matches ``target_modules`` gets an
+       adapter (:func:`adapt_modules`: a :class:`LoRALinear`, or a
+       :class:`QLoRALinear` over a quantized layer).
     2. The model is frozen except for ``lora_a`` and ``lora_b`` of the LoRA layers,
        so ``model.trainable_parameters()`` is the adapter tree (the one to save with
        ``mx.save_safetensors(dict(tree_flatten(...)))``).
-    3. With ``blas_linear``, every remaining plain ``nn.Linear`` becomes a
-       :class:`~metapeft.nn.BLASLinear` (see :func:`use_blas_linear`).
+    3. With ``blas_linear``, the rest of the model goes on metapeft's fast path
+       (:func:`~metapeft.nn.use_fast_layers`).
+
+    For an mlx-lm model, :func:`metapeft.lm.add_lora` picks the modules by mlx-lm's
+    rule (keys inside the last ``num_layers`` blocks) and attaches them the same way.
 
     Args:
         model: Any MLX module.
         rank: Adapter rank, ``>= 1``.
         alpha: LoRA alpha, ``> 0``; ``scale = alpha / rank``.
         dropout: Dropout probability on the adapter input, in ``[0, 1)``.
-        target_modules: ``None`` for every Linear layer, or names as in mlx-lm's
+        target_modules: ``None`` for every linear layer, or names as in mlx-lm's
             ``keys``: a layer matches when its path equals an entry or ends with
             ``"." + entry`` (``"self_attn.q_proj"`` and ``"q_proj"`` both match
             ``"layers.0.self_attn.q_proj"``; ``"proj"`` does not). A single string is
             one entry. Entries that match nothing are ignored as long as one matches.
-        blas_linear: Whether to swap the other Linear layers for ``BLASLinear``.
-            Quantized layers are never adapted nor swapped (they are frozen).
+        blas_linear: Whether to put the other layers on the fast path.
 
     Returns:
         ``model`` (a new ``LoRALinear`` when ``model`` itself is an ``nn.Linear``).
 
     Raises:
-        ValueError: If ``target_modules`` matches no Linear layer, or ``rank``,
+        ValueError: If ``target_modules`` matches no linear layer, or ``rank``,
             ``alpha`` or ``dropout`` is out of range. Nothing is modified then.
 
     Example:
@@ -329,34 +494,50 @@ def apply_lora(
         >>> sorted(k for k, _ in tree_flatten(model.trainable_parameters()))
         ['layers.2.lora_a', 'layers.2.lora_b']
     """
-    check_lora_args(rank, alpha, dropout)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    named = model.named_modules()
-    linear = [p for p, m in named if isinstance(m, nn.Linear)]
-    if target_modules is None:
-        paths = set(linear)
-        if not paths:
-            raise ValueError("the model has no mlx.nn.Linear layer to adapt")
-    else:
-        patterns = list(target_modules)
-        bad = [p for p in patterns if not isinstance(p, str) or not p]
+    keys = None if target_modules is None else tuple(target_modules)
+    if keys is not None:
+        bad = [p for p in keys if not isinstance(p, str) or not p]
         if bad:
             raise TypeError(f"target_modules must be non-empty strings, got {bad!r}")
-        paths = {p for p in linear if _matches(p, patterns)}
+    spec = LoRASpec(rank, alpha, dropout)
+    named = model.named_modules()
+    linear = [p for p, m in named if isinstance(m, _ADAPTABLE)]
+    if keys is None:
+        paths = set(linear)
         if not paths:
-            raise ValueError(_no_match_message(patterns, named, linear))
+            raise ValueError("the model has no mlx.nn.Linear or QuantizedLinear layer to adapt")
+    else:
+        paths = {p for p in linear if _matches(p, keys)}
+        if not paths:
+            raise ValueError(_no_match_message(list(keys), named, linear))
+    return adapt_modules(model, paths, spec, fast=blas_linear)
 
-    model = replace_modules(
-        model, lambda m: LoRALinear.from_base(m, rank=rank, alpha=alpha, dropout=dropout), paths
-    )
+
+def adapt_modules(
+    model: nn.Module, paths: set[str], spec: LoRASpec, fast: bool = True
+) -> nn.Module:
+    """Puts a fresh adapter of ``spec`` on each module of ``model`` at ``paths`` (a
+    :class:`LoRALinear` over an ``nn.Linear``, a :class:`QLoRALinear` over an
+    ``nn.QuantizedLinear``), freezes everything but the adapters and, with ``fast``,
+    puts the rest on the fast path; in place. The one place adapters are attached:
+    :func:`apply_lora` and :func:`metapeft.lm.add_lora` choose the paths.
+
+    Returns:
+        ``model`` (the new layer when ``model`` itself is adapted).
+    """
+
+    def adapted(module: nn.Module) -> nn.Module:
+        cls = QLoRALinear if isinstance(module, nn.QuantizedLinear) else LoRALinear
+        return cls.from_base(module, spec.rank, spec.alpha, spec.dropout)
+
+    model = replace_modules(model, adapted, paths)
     model.freeze()
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, QLoRALinear)):
             module.unfreeze(recurse=False, keys=["lora_a", "lora_b"])
-    if blas_linear:
-        model = use_blas_linear(model)
-    return model
+    return use_fast_layers(model) if fast else model
 
 
 def _no_match_message(
@@ -372,20 +553,27 @@ def _no_match_message(
     return msg
 
 
-def fuse_lora(model: nn.Module) -> nn.Module:
-    """Replaces, in place, every :class:`LoRALinear` of ``model`` by its fused
-    ``nn.Linear`` (:meth:`LoRALinear.fuse`).
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Replaces, in place, every :class:`LoRALinear` and :class:`QLoRALinear` of
+    ``model`` by its fused layer (:meth:`LoRALinear.fuse`, :meth:`QLoRALinear.fuse`;
+    ``dequantize`` as the latter's).
 
     Args:
-        model: A model holding single-adapter ``LoRALinear`` layers.
+        model: A model holding single-adapter LoRA layers.
+        dequantize: Fused quantized layers become ``nn.Linear`` instead of being
+            quantized again.
 
     Returns:
-        ``model`` (the fused ``nn.Linear`` when ``model`` itself is a ``LoRALinear``).
+        ``model`` (the fused layer when ``model`` itself is a LoRA layer).
 
     Example:
         >>> model = apply_lora(nn.Sequential(nn.Linear(8, 2)), rank=2)
         >>> type(fuse_lora(model).layers[0]).__name__
         'Linear'
     """
-    paths = {p for p, m in model.named_modules() if isinstance(m, LoRALinear)}
-    return replace_modules(model, lambda m: m.fuse(), paths)
+
+    def fused(module: nn.Module) -> nn.Module:
+        return module.fuse(dequantize) if isinstance(module, QLoRALinear) else module.fuse()
+
+    paths = {p for p, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
+    return replace_modules(model, fused, paths)
