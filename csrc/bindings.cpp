@@ -181,6 +181,17 @@ NB_MODULE(_ext, m) {
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
+    } catch (const metapeft::LeafError& e) {
+      // The leaf's index rides along as data: metapeft.ops names the leaf by its path.
+      PyObject* type = e.dtype ? PyExc_TypeError : PyExc_ValueError;
+      PyObject* error = PyObject_CallFunction(type, "s", e.what());
+      if (error != nullptr) {
+        PyObject* leaf = PyLong_FromSize_t(e.leaf);
+        PyObject_SetAttrString(error, "leaf", leaf);
+        Py_XDECREF(leaf);
+        PyErr_SetObject(type, error);
+        Py_DECREF(error);
+      }
     } catch (const metapeft::DtypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
     }

@@ -1,6 +1,8 @@
 #include "blas.h"
 
 #include <algorithm>
+#include <condition_variable>
+#include <mutex>
 
 #include "workers.h"
 
@@ -27,6 +29,68 @@ bool use_mkl(const char* path) {
   return true;
 }
 #endif
+
+#ifndef __APPLE__
+namespace {
+
+// OpenBLAS's process-wide thread count, and the products running under it.
+struct OpenBlasThreads {
+  std::mutex mutex;
+  std::condition_variable idle;
+  int count = scipy_openblas_get_num_threads(); // what it is now
+  int all = count;                              // what it was at start
+  int running = 0;
+};
+
+OpenBlasThreads& openblas_threads() {
+  static OpenBlasThreads* threads = new OpenBlasThreads(); // lives until exit
+  return *threads;
+}
+
+} // namespace
+#endif
+
+void sgemm(
+    bool trans_a,
+    bool trans_b,
+    int m,
+    int n,
+    int k,
+    float alpha,
+    const float* a,
+    int lda,
+    const float* b,
+    int ldb,
+    float beta,
+    float* c,
+    int ldc) {
+  auto ta = trans_a ? CblasTrans : CblasNoTrans;
+  auto tb = trans_b ? CblasTrans : CblasNoTrans;
+#ifdef __APPLE__
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#else
+  if (auto mkl = mkl_sgemm.load(std::memory_order_relaxed)) {
+    mkl(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  auto& threads = openblas_threads();
+  {
+    std::unique_lock<std::mutex> lock(threads.mutex);
+    int want = static_cast<double>(m) * n * k < kParallelMacs ? 1 : threads.all;
+    threads.idle.wait(lock, [&] { return threads.count == want || threads.running == 0; });
+    if (threads.count != want) {
+      scipy_openblas_set_num_threads(want);
+      threads.count = want;
+    }
+    ++threads.running;
+  }
+  scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  std::lock_guard<std::mutex> lock(threads.mutex);
+  if (--threads.running == 0) {
+    threads.idle.notify_all();
+  }
+#endif
+}
 
 // Products of at least this many multiply-adds are worth sharing out.
 constexpr double kSharedMacs = 1 << 21;

@@ -6,12 +6,10 @@
 
 #ifdef __APPLE__
 #include <Accelerate/Accelerate.h>
-#define METAPEFT_CBLAS_SGEMM cblas_sgemm
 #else
 #include <cblas.h>
 
 #include <atomic>
-#define METAPEFT_CBLAS_SGEMM scipy_cblas_sgemm
 #endif
 
 namespace metapeft::blas {
@@ -32,22 +30,6 @@ inline std::atomic<SgemmFn> mkl_sgemm{nullptr};
 // Loads MKL from the shared library at `path` (libmkl_rt), sequential; returns
 // false and changes nothing when it cannot be loaded.
 bool use_mkl(const char* path);
-
-
-// OpenBLAS's own thread count when we started (OPENBLAS_NUM_THREADS or all cores).
-inline int max_threads() {
-  static const int threads = scipy_openblas_get_num_threads();
-  return threads;
-}
-
-// Sets OpenBLAS's (process-wide) thread count, calling it only on a change. The
-// starting count is read before the first change, whatever size of product comes first.
-inline void use_threads(int threads) {
-  static std::atomic<int> current{max_threads()};
-  if (current.exchange(threads) != threads) {
-    scipy_openblas_set_num_threads(threads);
-  }
-}
 #endif
 
 // True when each product runs on one thread (MKL): the caller shares large ones out.
@@ -59,8 +41,11 @@ inline bool sequential() {
 #endif
 }
 
-// Row-major C = alpha * op(A) @ op(B) + beta * C, with op(X) = X or X^T.
-inline void sgemm(
+// Row-major C = alpha * op(A) @ op(B) + beta * C, with op(X) = X or X^T. With
+// OpenBLAS, products below kParallelMacs run on one of its threads, larger ones on
+// all of them; its thread count is process-wide, so it changes only while no other
+// product runs (one from another stream waits for it).
+void sgemm(
     bool trans_a,
     bool trans_b,
     int m,
@@ -73,31 +58,7 @@ inline void sgemm(
     int ldb,
     float beta,
     float* c,
-    int ldc) {
-#ifndef __APPLE__
-  if (auto mkl = mkl_sgemm.load(std::memory_order_relaxed)) {
-    mkl(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-        m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  use_threads(static_cast<double>(m) * n * k < kParallelMacs ? 1 : max_threads());
-#endif
-  METAPEFT_CBLAS_SGEMM(
-      CblasRowMajor,
-      trans_a ? CblasTrans : CblasNoTrans,
-      trans_b ? CblasTrans : CblasNoTrans,
-      m,
-      n,
-      k,
-      alpha,
-      a,
-      lda,
-      b,
-      ldb,
-      beta,
-      c,
-      ldc);
-}
+    int ldc);
 
 // sgemm, with a large product on a sequential BLAS shared out among the worker
 // threads: one call per thread on a block of C's columns (or of its rows, when C

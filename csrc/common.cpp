@@ -29,6 +29,9 @@ void check_float(const mx::array& a, const char* op, const char* name, int index
     std::ostringstream os;
     os << "[metapeft." << op << "] " << (index < 0 ? std::string(name) : leaf_name(name, index))
        << " must be float32, float16 or bfloat16, got " << d;
+    if (index >= 0) {
+      throw LeafError(os.str(), index, true);
+    }
     throw DtypeError(os.str());
   }
 }
@@ -209,12 +212,23 @@ void store_float_output(const std::vector<float>& scratch, void* ptr, mx::Dtype 
 }
 
 void donate_or_allocate(const mx::array& in, mx::array& out) {
-  if (in.is_donatable() && in.flags().row_contiguous && in.dtype() == out.dtype() &&
+  if (in.size() > 0 && in.is_donatable() && in.flags().row_contiguous && in.dtype() == out.dtype() &&
       in.data_size() == in.size()) {
     out.copy_shared_buffer(in);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
+}
+
+mx::Strides broadcast_strides(const mx::array& a, int ndim) {
+  mx::Strides strides(ndim, 0);
+  int extra = ndim - static_cast<int>(a.ndim());
+  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
+    if (a.shape(ax) != 1) {
+      strides[ax + extra] = a.strides()[ax];
+    }
+  }
+  return strides;
 }
 
 std::vector<mx::array> leaf_group_outputs(

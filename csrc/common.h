@@ -36,30 +36,22 @@ namespace mx = mlx::core;
 #define METAPEFT_IVDEP
 #endif
 
-// The overrides every metapeft primitive implements (MLX's Primitive interface).
-#define METAPEFT_PRIMITIVE_OVERRIDES                                             \
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) \
-      override;                                                                  \
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) \
-      override;                                                                  \
-  std::vector<mx::array> jvp(                                                    \
-      const std::vector<mx::array>& primals,                                     \
-      const std::vector<mx::array>& tangents,                                    \
-      const std::vector<int>& argnums) override;                                 \
-  std::vector<mx::array> vjp(                                                    \
-      const std::vector<mx::array>& primals,                                     \
-      const std::vector<mx::array>& cotangents,                                  \
-      const std::vector<int>& argnums,                                           \
-      const std::vector<mx::array>& outputs) override;                           \
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(                      \
-      const std::vector<mx::array>& inputs, const std::vector<int>& axes) override; \
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
-
 namespace metapeft {
 
 // A dtype the primitives do not support; the bindings raise it as TypeError.
 struct DtypeError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// A problem with leaf `leaf` of the tree arguments, named in the message as
+// leaf_name() writes it ("params[3]"). The bindings raise it as TypeError (a
+// dtype) or ValueError with the index as the exception's `leaf` attribute, so
+// that Python can name the leaf by its path in the tree.
+struct LeafError : std::invalid_argument {
+  LeafError(const std::string& message, size_t leaf, bool dtype = false)
+      : std::invalid_argument(message), leaf(leaf), dtype(dtype) {}
+  size_t leaf;
+  bool dtype;
 };
 
 std::string shape_str(const mx::Shape& shape);
@@ -131,8 +123,13 @@ float* float_output(void* ptr, mx::Dtype dtype, int64_t n, std::vector<float>& s
 void store_float_output(const std::vector<float>& scratch, void* ptr, mx::Dtype dtype);
 
 // Lets `out` take over `in`'s buffer (an in-place update) when MLX allows it,
-// else allocates it.
+// else allocates it. For the CPU and Metal kernels alike.
 void donate_or_allocate(const mx::array& in, mx::array& out);
+
+// The strides that read `a` at each index of an `ndim`-dimensional shape it
+// broadcasts to (numpy rules: shapes right-aligned, stride 0 on a missing or
+// size-1 axis). For the CPU and Metal kernels alike.
+mx::Strides broadcast_strides(const mx::array& a, int ndim);
 
 // MLX gives every output of a primitive its own copy of all the inputs and of
 // its siblings, so one primitive over n leaves costs O(n^2) to build, evaluate

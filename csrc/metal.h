@@ -15,25 +15,32 @@ namespace metapeft {
 
 // The compute pipeline of kernel `name` in metapeft.metallib, which is
 // installed next to the extension (MLX caches both the library and the kernel).
-inline MTL::ComputePipelineState* get_kernel(const mx::Stream& s, const char* name) {
+inline MTL::ComputePipelineState* get_kernel(const mx::Stream& s, const std::string& name) {
   auto& d = mx::metal::device(s.device);
   return d.get_kernel(name, d.get_library("metapeft", binary_dir()));
 }
 
-// The dtype code that load/store in kernels.h read: 0 float32, 1 float16,
-// 2 bfloat16. `op` names the primitive in the error message.
-inline int dtype_code(const mx::array& a, const char* op) {
-  if (a.dtype() == mx::float32) {
-    return 0;
-  }
-  if (a.dtype() == mx::float16) {
-    return 1;
-  }
-  if (a.dtype() == mx::bfloat16) {
-    return 2;
-  }
-  throw std::runtime_error(
-      std::string("[metapeft.") + op + "] Metal kernels take float32, float16 or bfloat16");
+// The kernel of `op` for the dtypes of `a`, `b` and `c`, by the name its .metal
+// source instantiates it under ("metapeft_task_sgd_float32_bfloat16_float32").
+inline std::string kernel_name(
+    const char* op,
+    const mx::array& a,
+    const mx::array& b,
+    const mx::array& c) {
+  auto name = [op](const mx::array& x) -> std::string {
+    if (x.dtype() == mx::float32) {
+      return "float32";
+    }
+    if (x.dtype() == mx::float16) {
+      return "float16";
+    }
+    if (x.dtype() == mx::bfloat16) {
+      return "bfloat16";
+    }
+    throw std::runtime_error(
+        std::string("[metapeft.") + op + "] Metal kernels take float32, float16 or bfloat16");
+  };
+  return std::string("metapeft_") + op + "_" + name(a) + "_" + name(b) + "_" + name(c);
 }
 
 // Binds a one-element array the kernel never reads (an empty or absent operand
@@ -53,28 +60,6 @@ inline void set_input(mx::metal::CommandEncoder& enc, const mx::array& a, int id
   }
 }
 
-// The strides of `a`, left-padded with zeros to `n` entries (a missing task
-// axis is a broadcast one).
-inline mx::Strides padded_strides(const mx::array& a, int n) {
-  mx::Strides strides(n, 0);
-  int extra = n - static_cast<int>(a.ndim());
-  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
-    strides[ax + extra] = a.strides()[ax];
-  }
-  return strides;
-}
-
-// Gives `out` the buffer of the parameter `p` when it is ours to reuse (an
-// update in place, as on the CPU), else a fresh one.
-inline void reuse_or_alloc(mx::array& out, const mx::array& p) {
-  if (p.size() > 0 && p.is_donatable() && p.flags().row_contiguous && p.dtype() == out.dtype() &&
-      p.data_size() == p.size()) {
-    out.copy_shared_buffer(p);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
-}
-
 // One thread per element: a 1D grid while it fits in 32 bits, else rows of 2^30
 // (the kernel computes index = y * width + x and skips threads past n).
 inline void dispatch_1d(
@@ -85,18 +70,6 @@ inline void dispatch_1d(
   size_t height = (n + width - 1) / width;
   size_t group = std::min(width, static_cast<size_t>(kernel->maxTotalThreadsPerThreadgroup()));
   enc.dispatch_threads(MTL::Size(width, height, 1), MTL::Size(group, 1, 1));
-}
-
-// One thread per element of a (rows, cols) result: x over cols, y over rows.
-inline void dispatch_2d(
-    mx::metal::CommandEncoder& enc,
-    MTL::ComputePipelineState* kernel,
-    size_t cols,
-    size_t rows) {
-  size_t max_threads = kernel->maxTotalThreadsPerThreadgroup();
-  size_t gx = std::min(cols, max_threads);
-  size_t gy = std::min(rows, max_threads / gx);
-  enc.dispatch_threads(MTL::Size(cols, rows, 1), MTL::Size(gx, gy, 1));
 }
 
 } // namespace metapeft

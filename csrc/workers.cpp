@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -57,12 +58,22 @@ bool spin_until(F done) {
   return true;
 }
 
-// Workers that help the calling thread through the chunks of one job at a
-// time. Chunks are claimed one by one, so a worker that is slow to wake, or
-// descheduled (MLX's own threads share the CPUs), delays the job by at most
-// the chunk it holds, and the caller never waits for a worker that did not
-// come. The pool lives until the process ends: detached workers may outlive
-// static destructors at exit.
+// One job: the caller's function and its chunks, claimed one by one. Workers hold
+// the job by shared_ptr, so one that comes late finds its chunks all claimed and
+// never calls a function whose caller has returned.
+struct Job {
+  const std::function<void(int)>* f;
+  int chunks;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+};
+
+// Workers that help the calling thread through the chunks of one job at a time,
+// with one mutex and two condition variables. Chunks are claimed one by one, so a
+// worker that is slow to wake, or descheduled (MLX's own threads share the CPUs),
+// delays the job by at most the chunk it holds, and the caller never waits for a
+// worker that did not come. Threads spin for kSpin before they sleep. The pool
+// lives until the process ends: detached workers may outlive static destructors.
 class WorkerPool {
  public:
   WorkerPool() {
@@ -73,79 +84,62 @@ class WorkerPool {
 
   // False, having run nothing, when another caller has the pool.
   bool run(int chunks, const std::function<void(int)>& f) {
-    if (busy_.exchange(true, std::memory_order_acquire)) {
+    std::unique_lock<std::mutex> caller(busy_, std::try_to_lock);
+    if (!caller.owns_lock()) {
       return false;
     }
-    job_.store(&f, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    uint64_t id;
-    bool sleepers;
+    auto job = std::make_shared<Job>();
+    job->f = &f;
+    job->chunks = chunks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      id = (state_.load() >> 32) + 1;
-      state_.store(id << 32 | uint64_t(chunks) << 16, std::memory_order_release);
-      sleepers = sleepers_ > 0;
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    if (sleepers) {
-      wake_.notify_all();
-    }
-    help(id);
-    auto finished = [&] { return done_.load(std::memory_order_acquire) == chunks; };
+    wake_.notify_all();
+    help(*job);
+    auto finished = [&] { return job->done.load(std::memory_order_acquire) == chunks; };
     if (!spin_until(finished)) {
       std::unique_lock<std::mutex> lock(mutex_);
       all_done_.wait(lock, finished);
     }
-    busy_.store(false, std::memory_order_release);
     return true;
   }
 
  private:
-  // Runs chunks of job `id` until none is left. `state_` packs the job id (bits
-  // 32-63), its chunk count (16-31) and its next chunk (0-15), so that one
-  // compare-and-swap both checks that the job is still current and claims a
-  // chunk of it; a job stays current until its chunks are all done, which
-  // keeps `job_` valid while a claimed chunk runs.
-  void help(uint64_t id) {
-    uint64_t s = state_.load(std::memory_order_acquire);
-    for (;;) {
-      uint64_t next = s & 0xffff, chunks = (s >> 16) & 0xffff;
-      if ((s >> 32) != id || next >= chunks) {
-        return;
-      }
-      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) {
-        continue;
-      }
-      (*job_.load(std::memory_order_relaxed))(static_cast<int>(next));
-      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<int>(chunks)) {
+  void help(Job& job) {
+    for (int c; (c = job.next.fetch_add(1, std::memory_order_relaxed)) < job.chunks;) {
+      (*job.f)(c);
+      if (job.done.fetch_add(1, std::memory_order_acq_rel) + 1 == job.chunks) {
         std::lock_guard<std::mutex> lock(mutex_);
         all_done_.notify_one();
       }
-      s = state_.load(std::memory_order_acquire);
     }
   }
 
   void work() {
     uint64_t seen = 0;
-    auto posted = [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; };
+    auto posted = [&] { return generation_.load(std::memory_order_acquire) != seen; };
     for (;;) {
-      if (!spin_until(posted)) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ++sleepers_;
-        wake_.wait(lock, posted);
-        --sleepers_;
+      std::shared_ptr<Job> job;
+      {
+        if (!spin_until(posted)) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, posted);
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
       }
-      seen = state_.load(std::memory_order_acquire) >> 32;
-      help(seen);
+      help(*job);
     }
   }
 
-  std::atomic<bool> busy_{false};
-  std::atomic<uint64_t> state_{0};
-  std::atomic<const std::function<void(int)>*> job_{nullptr};
-  std::atomic<int> done_{0};
-  std::mutex mutex_;
+  std::mutex busy_;  // held by the caller whose job runs
+  std::mutex mutex_; // guards job_ and the waits
   std::condition_variable wake_, all_done_;
-  int sleepers_ = 0;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint64_t> generation_{0}; // jobs posted so far
 };
 
 } // namespace

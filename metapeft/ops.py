@@ -13,7 +13,6 @@ naming the argument.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import mlx.core as mx
@@ -441,9 +440,7 @@ def _explain(error: Exception, params: Any, **trees: Any) -> Exception:
         name = message.split()[0]
         other = [k for k, _ in tree_flatten(trees[name])]
         return ValueError(f"{message}: params has leaves {keys}, {name} has {other}")
-    named = re.sub(
-        r"\b(params|grads|lr|adapted)\[(\d+)\]",
-        lambda m: f"{m[1]}['{keys[int(m[2])]}']",
-        message,
-    )
-    return type(error)(named)
+    leaf = getattr(error, "leaf", None)  # the extension's index of the leaf at fault
+    if leaf is None or leaf >= len(keys):
+        return error
+    return type(error)(message.replace(f"[{leaf}]", f"['{keys[leaf]}']"))

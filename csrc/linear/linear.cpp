@@ -61,7 +61,37 @@ mx::array linear(
   auto shape = x.shape();
   shape.back() = d_out;
   auto dtype = result_dtype(inputs);
-  return mx::array(shape, dtype, std::make_shared<Linear>(mx::to_stream(s)), inputs);
+  auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu) {
+    return matmul_affine(x, weight, bias, dtype, stream);
+  }
+  return mx::array(shape, dtype, std::make_shared<Linear>(stream), inputs);
+}
+
+mx::array matmul_affine(
+    const mx::array& x,
+    const mx::array& w,
+    const std::optional<mx::array>& bias,
+    mx::Dtype dtype,
+    mx::Stream s) {
+  auto wt = mx::swapaxes(mx::astype(w, dtype, s), -1, -2, s);
+  auto xd = mx::astype(x, dtype, s);
+  auto out_shape = x.shape();
+  out_shape.back() = w.shape(-2);
+  mx::array out = w.ndim() == 3
+      // One product per task: x's middle axes flattened into rows.
+      ? mx::reshape(
+            mx::matmul(
+                mx::reshape(xd, {x.shape(0), static_cast<int>(prod(x.shape(), 1, x.ndim() - 1)), x.shape(-1)}, s),
+                wt,
+                s),
+            out_shape,
+            s)
+      : mx::matmul(xd, wt, s);
+  if (bias) {
+    out = mx::add(out, expand_bias(mx::astype(*bias, dtype, s), out.ndim(), s), s);
+  }
+  return out;
 }
 
 namespace {
@@ -205,6 +235,11 @@ void eval_affine_cpu(
 
 void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   eval_affine_cpu(stream(), inputs, outputs[0], false, 0.0f);
+}
+
+void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[metapeft.linear] has no Metal kernel: on the GPU, metapeft.ops.linear is MLX's matmul");
 }
 
 std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {

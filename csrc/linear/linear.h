@@ -27,11 +27,34 @@ mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s = {}
 // Reshapes a bias of shape (T, n) to broadcast against an array of `ndim` dims.
 mx::array expand_bias(const mx::array& bias, int ndim, mx::StreamOrDevice s = {});
 
+// x @ w^T (+ bias) in `dtype` with MLX's own matmul (its tuned kernels on a GPU):
+// w (d_out, d_in) with x (..., d_in), or w (T, d_out, d_in) with x (T, ..., d_in).
+mx::array matmul_affine(
+    const mx::array& x,
+    const mx::array& w,
+    const std::optional<mx::array>& bias,
+    mx::Dtype dtype,
+    mx::Stream s);
+
 class Linear : public mx::Primitive {
  public:
   explicit Linear(mx::Stream stream) : mx::Primitive(stream) {}
 
-  METAPEFT_PRIMITIVE_OVERRIDES
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   const char* name() const override {
     return "MetapeftLinear";
   }

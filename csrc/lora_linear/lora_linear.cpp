@@ -100,14 +100,27 @@ mx::array lora_linear(
   auto shape = x.shape();
   shape.back() = d_out;
   auto dtype = result_dtype(inputs);
-  return mx::array(
-      shape, dtype, std::make_shared<LoraLinear>(mx::to_stream(s), scale), inputs);
+  auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu) {
+    // MLX's own matmul kernels: the base product, then the two thin ones.
+    auto low = matmul_affine(x, mx::swapaxes(lora_a, -1, -2, stream), std::nullopt, dtype, stream);
+    low = matmul_affine(low, mx::swapaxes(lora_b, -1, -2, stream), std::nullopt, dtype, stream);
+    auto base = matmul_affine(x, weight, bias, dtype, stream);
+    return mx::add(base, mx::multiply(mx::array(scale, dtype), low, stream), stream);
+  }
+  return mx::array(shape, dtype, std::make_shared<LoraLinear>(stream, scale), inputs);
 }
 
 void LoraLinear::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   eval_affine_cpu(stream(), inputs, outputs[0], true, scale_);
+}
+
+void LoraLinear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[metapeft.lora_linear] has no Metal kernel: on the GPU, metapeft.ops.lora_linear is "
+      "MLX's matmul");
 }
 
 std::vector<mx::Shape> LoraLinear::output_shapes(const std::vector<mx::array>& inputs) {

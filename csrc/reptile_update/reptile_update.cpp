@@ -14,6 +14,11 @@ namespace {
   throw std::invalid_argument("[metapeft.reptile_update] " + msg);
 }
 
+// An error about leaf `leaf` (LeafError).
+[[noreturn]] void fail_leaf(const std::string& msg, size_t leaf) {
+  throw LeafError("[metapeft.reptile_update] " + msg, leaf);
+}
+
 // Elements read and written per chunk of work shared among threads.
 constexpr int64_t kChunk = 1 << 15;
 
@@ -92,8 +97,8 @@ std::vector<mx::array> reptile_update(
     if (!ok) {
       auto expected = p.shape();
       expected.insert(expected.begin(), a.ndim() ? a.shape(0) : 0);
-      fail(leaf_name("adapted", i) + " must have shape (T, *" + leaf_name("params", i) +
-           ".shape) = (T, " + shape_str(p.shape()).substr(1) + ", got " + shape_str(a.shape()));
+      fail_leaf(leaf_name("adapted", i) + " must have shape (T, *" + leaf_name("params", i) +
+           ".shape) = (T, " + shape_str(p.shape()).substr(1) + ", got " + shape_str(a.shape()), i);
     }
     shapes.push_back(p.shape());
     dtypes.push_back(mx::promote_types(p.dtype(), a.dtype()));

@@ -20,19 +20,19 @@ void ReptileUpdate::eval_gpu(
   size_t n = outputs.size();
   auto& eps = inputs.back();
   auto& s = stream();
-  auto kernel = get_kernel(s, "metapeft_reptile_update");
   auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
 
   for (size_t i = 0; i < n; ++i) {
     auto& p = inputs[i];
     auto& a = inputs[n + i];
     auto& out = outputs[i];
     int64_t size = p.size();
-    reuse_or_alloc(out, p);
+    donate_or_allocate(p, out);
     if (size == 0) {
       continue;
     }
+    auto kernel = get_kernel(s, kernel_name(kOp, p, a, eps));
+    enc.set_compute_pipeline_state(kernel);
     // A scalar leaf is indexed as shape (1,); a's task axis is passed apart.
     int ndim = std::max(1, static_cast<int>(p.ndim()));
     mx::Shape shape = p.ndim() > 0 ? p.shape() : mx::Shape(1, 1);
@@ -53,12 +53,9 @@ void ReptileUpdate::eval_gpu(
     enc.set_vector_bytes(p_strides, 5);
     enc.set_vector_bytes(a_strides, 6);
     enc.set_bytes(ndim, 7);
-    std::vector<int> dtypes = {
-        dtype_code(p, kOp), dtype_code(a, kOp), dtype_code(eps, kOp), dtype_code(out, kOp)};
-    enc.set_vector_bytes(dtypes, 8);
-    enc.set_bytes(size, 9);
-    enc.set_bytes(tasks, 10);
-    enc.set_bytes(a_task_stride, 11);
+    enc.set_bytes(size, 8);
+    enc.set_bytes(tasks, 9);
+    enc.set_bytes(a_task_stride, 10);
     dispatch_1d(enc, kernel, size);
   }
 }

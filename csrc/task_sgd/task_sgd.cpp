@@ -11,6 +11,11 @@ namespace {
   throw std::invalid_argument("[metapeft.task_sgd] " + msg);
 }
 
+// An error about leaf `leaf` (LeafError).
+[[noreturn]] void fail_leaf(const std::string& msg, size_t leaf) {
+  throw LeafError("[metapeft.task_sgd] " + msg, leaf);
+}
+
 // Elements per chunk of work shared among threads.
 constexpr int64_t kChunk = 1 << 15;
 
@@ -43,21 +48,6 @@ void sgd_range(
   }
 }
 
-// The stride of `lr`, broadcast against `p`, along axis `ax` of `p`: 0 along
-// the axes it repeats on.
-int64_t broadcast_stride(const mx::array& lr, const mx::array& p, int ax) {
-  int extra = p.ndim() - lr.ndim();
-  return ax < extra || lr.shape(ax - extra) == 1 ? 0 : lr.strides()[ax - extra];
-}
-
-mx::Strides broadcast_strides(const mx::array& lr, const mx::array& p) {
-  mx::Strides strides(p.ndim());
-  for (int ax = 0; ax < static_cast<int>(p.ndim()); ++ax) {
-    strides[ax] = broadcast_stride(lr, p, ax);
-  }
-  return strides;
-}
-
 // The period with which float32 `lr`, broadcast against `p`, repeats over the
 // flat parameter when it can be read in place that way (the axes it varies
 // along trail those it repeats along, and are laid out row-major), else 0.
@@ -65,7 +55,8 @@ int64_t lr_period(const mx::array& lr, const mx::array& p) {
   if (lr.dtype() != mx::float32) {
     return 0;
   }
-  auto stride = [&](int ax) { return broadcast_stride(lr, p, ax); };
+  auto strides = broadcast_strides(lr, p.ndim());
+  auto stride = [&](int ax) { return strides[ax]; };
   // Axes of size 1 do not change the flat layout.
   int64_t period = 1;
   int ax = p.ndim() - 1;
@@ -115,13 +106,13 @@ std::vector<mx::array> task_sgd(
     check_float(g, "task_sgd", "grads", i);
     check_float(lr, "task_sgd", "lr", i);
     if (g.shape() != p.shape()) {
-      fail(leaf_name("grads", i) + " has shape " + shape_str(g.shape()) + " but " +
-           leaf_name("params", i) + " has shape " + shape_str(p.shape()));
+      fail_leaf(leaf_name("grads", i) + " has shape " + shape_str(g.shape()) + " but " +
+           leaf_name("params", i) + " has shape " + shape_str(p.shape()), i);
     }
     if (!broadcasts_to(lr.shape(), p.shape())) {
-      fail(leaf_name("lr", i) + " of shape " + shape_str(lr.shape()) +
+      fail_leaf(leaf_name("lr", i) + " of shape " + shape_str(lr.shape()) +
            " does not broadcast against " + leaf_name("params", i) + " of shape " +
-           shape_str(p.shape()));
+           shape_str(p.shape()), i);
     }
     shapes.push_back(p.shape());
     dtypes.push_back(mx::promote_types(p.dtype(), g.dtype()));
@@ -160,7 +151,7 @@ void TaskSGD::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
       leaf.lr = lr.data<float>();
     } else {
       leaf.lr_full =
-          Operand{lr.data<void>(), lr.dtype(), p.shape(), broadcast_strides(lr, p), false};
+          Operand{lr.data<void>(), lr.dtype(), p.shape(), broadcast_strides(lr, p.ndim()), false};
     }
     leaves.push_back(std::move(leaf));
   }

@@ -16,28 +16,12 @@ namespace {
 
 constexpr const char* kOp = "task_sgd"; // for error messages
 
-// Strides that read `a` at each index of an `ndim`-dimensional shape it
-// broadcasts to (numpy rules: shapes right-aligned, stride 0 on a missing or
-// size-1 axis).
-mx::Strides broadcast_strides(const mx::array& a, int ndim) {
-  mx::Strides strides(ndim, 0);
-  int extra = ndim - static_cast<int>(a.ndim());
-  for (int ax = 0; ax < static_cast<int>(a.ndim()); ++ax) {
-    if (a.shape(ax) != 1) {
-      strides[ax + extra] = a.strides()[ax];
-    }
-  }
-  return strides;
-}
-
 } // namespace
 
 void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   size_t n = outputs.size();
   auto& s = stream();
-  auto kernel = get_kernel(s, "metapeft_task_sgd");
   auto& enc = mx::metal::get_command_encoder(s);
-  enc.set_compute_pipeline_state(kernel);
 
   for (size_t i = 0; i < n; ++i) {
     auto& p = inputs[i];
@@ -45,10 +29,12 @@ void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     auto& lr = inputs[2 * n + i];
     auto& out = outputs[i];
     int64_t size = p.size();
-    reuse_or_alloc(out, p);
+    donate_or_allocate(p, out);
     if (size == 0) {
       continue;
     }
+    auto kernel = get_kernel(s, kernel_name(kOp, p, g, lr));
+    enc.set_compute_pipeline_state(kernel);
     // A scalar leaf is indexed as shape (1,).
     int ndim = std::max(1, static_cast<int>(p.ndim()));
     mx::Shape shape = p.ndim() > 0 ? p.shape() : mx::Shape(1, 1);
@@ -62,10 +48,7 @@ void TaskSGD::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
     enc.set_vector_bytes(broadcast_strides(g, ndim), 6);
     enc.set_vector_bytes(broadcast_strides(lr, ndim), 7);
     enc.set_bytes(ndim, 8);
-    std::vector<int> dtypes = {
-        dtype_code(p, kOp), dtype_code(g, kOp), dtype_code(lr, kOp), dtype_code(out, kOp)};
-    enc.set_vector_bytes(dtypes, 9);
-    enc.set_bytes(size, 10);
+    enc.set_bytes(size, 9);
     dispatch_1d(enc, kernel, size);
   }
 }
