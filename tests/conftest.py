@@ -708,3 +708,36 @@ __all__ = [
     "tol",
     "tree_shapes",
 ]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def interrupt_training(train_args: Sequence[str], output_dir: Path, after_steps: int) -> str:
+    """Runs ``metapeft train`` as a real process into ``output_dir``, sends it SIGINT once
+    ``metrics.jsonl`` holds ``after_steps`` lines, and checks that it stopped as Ctrl-C
+    should (exit status 130, "interrupted"); returns its output."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    exe = shutil.which("metapeft")
+    command = [exe] if exe else [sys.executable, "-m", "metapeft"]
+    proc = subprocess.Popen(
+        [*command, *train_args, "--output-dir", str(output_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in out
+    return out

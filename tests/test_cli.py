@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import interrupt_training
 from metapeft import checkpoint
 from metapeft.cli import app
 
@@ -155,32 +156,12 @@ def test_installed_entry_point_runs_as_a_subprocess():
 
 def test_ctrl_c_mid_run_saves_last_and_resume_matches(tmp_path):
     """SIGINT a real training process, resume it, and land on the uninterrupted run."""
-    import signal
-    import time
-
     from mlx.utils import tree_flatten
 
-    exe = shutil.which("metapeft")
-    command = [exe] if exe else [sys.executable, "-m", "metapeft"]
     args = ["train", "--profile", "dev", "--num-iterations", "2000", "--checkpoint-every", "5000"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run(*args, "--output-dir", straight).exit_code == 0
-    proc = subprocess.Popen(
-        [*command, *args, "--output-dir", str(killed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (out, err)
-    assert "interrupted" in out
+    interrupt_training(args, killed, after_steps=20)
     _, meta = checkpoint.load(killed / "checkpoints" / "last.safetensors")
     assert 20 <= meta["step"] < 2000
     resumed = run(*args, "--output-dir", killed, "--resume")

@@ -13,7 +13,6 @@ import yaml
 from mlx.utils import tree_flatten
 from pydantic import ValidationError
 
-import metapeft.config as config_module
 from metapeft.config import (
     ConfigError,
     MetaLearningConfig,
@@ -371,7 +370,7 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path, monkeypatch, f
     def fail(*args: Any) -> None:
         raise OSError(f"simulated {failing} failure")
 
-    monkeypatch.setattr(config_module.os, failing, fail)
+    monkeypatch.setattr(os, failing, fail)
     with pytest.raises(OSError, match="simulated"):
         MetaLearningConfig.default("dev").to_yaml(target)
     monkeypatch.undo()

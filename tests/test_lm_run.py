@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +14,8 @@ import yaml
 from lm_helpers import substitution_tasks
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
+
+from conftest import interrupt_training
 
 pytest.importorskip("mlx_lm")
 
@@ -126,34 +124,17 @@ def test_an_lm_run_resumes_to_the_uninterrupted_adapters(lm_config, tmp_path):
 def test_ctrl_c_on_an_lm_run_saves_last_and_resume_matches(lm_config, tmp_path):
     """SIGINT a real process meta-training the tiny Llama, resume it, and land on the
     uninterrupted run's adapters."""
-    exe = shutil.which("metapeft")
-    command = [exe] if exe else [sys.executable, "-m", "metapeft"]
     args = ["train", "--config", str(lm_config), "--num-iterations", "400"]
     args += ["--checkpoint-every", "5000", "--eval-every", "5000"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run(*args, "--output-dir", straight).exit_code == 0
-    proc = subprocess.Popen(
-        [*command, *args, "--output-dir", str(killed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (out, err)
+    interrupt_training(args, killed, after_steps=5)
     step = checkpoint.read_metadata(killed / "checkpoints" / "last.safetensors")["step"]
     assert 5 <= step < 400
     resumed = run(*args, "--output-dir", killed, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert_same_meta(
-        straight / "checkpoints" / "last.safetensors", killed / "checkpoints" / "last.safetensors"
-    )
+    last = "checkpoints/last.safetensors"
+    assert_same_meta(straight / last, killed / last)
 
 
 def test_meta_train_lora_is_the_same_run(lm_config, tmp_path):

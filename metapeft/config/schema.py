@@ -1,122 +1,29 @@
-"""MetaLearningConfig: the typed configuration of a meta-training run.
-
-A config has five sections: ``task`` (what tasks to draw), ``model`` (the network
-and its optional LoRA adapters), ``training`` (the meta-learner and its schedule),
-``output`` (where a run writes) and ``tracking`` (where metrics go). Every field has
-a default, so ``MetaLearningConfig()`` is a short sinusoid MAML run. An optional
-sixth, ``lm``, meta-trains LoRA adapters of an mlx-lm model over text tasks instead
-of ``task`` and ``model``.
-
-A run's config is built from layers, each merged over the one before:
-
-1. the defaults of the models below;
-2. a YAML file, read by :meth:`MetaLearningConfig.from_yaml`;
-3. one of the file's ``profiles:`` (partial configs, e.g. ``dev`` and ``prod``),
-   deep-merged over its base;
-4. environment variables ``METAPEFT_<SECTION>__<FIELD>`` (``METAPEFT_TRAINING__INNER_LR=0.02``,
-   ``METAPEFT_MODEL__LORA__RANK=4``), each value read as YAML (JSON is YAML too);
-5. ``overrides``, a nested dict such as the CLI builds from its flags (``None``
-   values are ignored).
-
-Mappings merge key by key; anything else (a list, a scalar) replaces what was there.
-The result is validated once, by pydantic; any problem raises :class:`ConfigError`,
-whose message names the file, the field, the bad value, where it came from and why.
-
-Paths: ``output.output_dir`` is relative to the working directory (like any output
-path on a command line). Paths inside a YAML file that point at inputs
-(``task.tasks_file``, ``lm.model``, ``lm.tasks_file``, ``lm.base_adapters``) are relative
-to that file, so a config and its task list travel
-together; given in the environment or in ``overrides`` they are relative to the
-working directory. The validated config holds absolute paths, and
-:meth:`MetaLearningConfig.to_yaml` writes that resolved config, so a run's saved
-config says exactly what it ran.
-
-Example:
-    >>> config = MetaLearningConfig.default(profile="dev")
-    >>> config.training.algorithm, config.training.num_iterations
-    ('maml', 200)
-    >>> config.layer_sizes
-    [1, 40, 40, 1]
-"""
+"""The schema of a run's config: its sections as frozen pydantic models, with every
+check a value needs (types, ranges, registered names, files that must exist)."""
 
 from __future__ import annotations
 
-import copy
-import difflib
 import os
-import re
-import typing
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     FilePath,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from metapeft.config import loading
+from metapeft.config.errors import ConfigError, field_error
 from metapeft.files import atomic_write_text
 from metapeft.learners.registry import get_algorithm
 from metapeft.tasks import TaskConfig, get_family, load_task_configs
-
-__all__ = [
-    "DEFAULT_CONFIG",
-    "ENV_PREFIX",
-    "ConfigError",
-    "LMSection",
-    "LoRASection",
-    "MetaLearningConfig",
-    "ModelSection",
-    "OutputSection",
-    "TaskSection",
-    "TrackingSection",
-    "TrainingSection",
-    "packaged_config",
-    "packaged_configs",
-]
-
-ENV_PREFIX = "METAPEFT_"
-"""Environment variables ``METAPEFT_<SECTION>__<FIELD>`` override config fields."""
-
-DEFAULT_CONFIG = "sinusoid_maml"
-"""The packaged config that :meth:`MetaLearningConfig.default` loads."""
-
-# Fields that name input files: relative paths resolve against the YAML file that set them.
-_INPUT_PATHS: tuple[tuple[str, ...], ...] = (
-    ("task", "tasks_file"),
-    ("lm", "model"),
-    ("lm", "tasks_file"),
-    ("lm", "base_adapters"),
-)
-
-
-class ConfigError(ValueError):
-    """An invalid config: a bad value, an unknown key, a missing or malformed file.
-
-    The message is meant for a person: it names the file (and profile), then each
-    problem on its own line as ``field.path = value (from source): why``.
-
-    Attributes:
-        path: The config file, when there is one.
-        problems: One line per problem (the lines of the message after its header).
-    """
-
-    def __init__(
-        self, message: str, *, path: Path | None = None, problems: tuple[str, ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.problems = problems or (message,)
-
 
 # ----------------------------------------------------------------------- field types
 
@@ -140,17 +47,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True
     )
-
-
-_NO_VALUE = object()
-
-
-def _field_error(field: str, reason: str, value: Any = _NO_VALUE) -> PydanticCustomError:
-    """A validation error on ``field`` (a dotted path), raised by a cross-field check."""
-    ctx = {"reason": reason, "field": field}
-    if value is not _NO_VALUE:
-        ctx["value"] = value
-    return PydanticCustomError("metapeft_config", "{reason}", ctx)
 
 
 # -------------------------------------------------------------------------- sections
@@ -222,11 +118,11 @@ class TaskSection(_Section):
             try:
                 train = load_task_configs(self.tasks_file)
             except (OSError, ValueError) as e:
-                raise _field_error("task.tasks_file", str(e), str(self.tasks_file)) from None
+                raise field_error("task.tasks_file", str(e), str(self.tasks_file)) from None
             for config in train:
                 for name in ("input_dim", "num_classes"):
                     if getattr(config, name) != getattr(self, name):
-                        raise _field_error(
+                        raise field_error(
                             f"task.{name}",
                             f"task {config.task_id!r} of {self.tasks_file} has {name} "
                             f"{getattr(config, name)}; every task must have the {name} "
@@ -247,7 +143,7 @@ class TaskSection(_Section):
             ]
         except (TypeError, ValueError) as e:
             reason = f"for evaluation (task_params merged with eval_task_params): {e}"
-            raise _field_error("task.eval_task_params", reason, self.eval_task_params) from None
+            raise field_error("task.eval_task_params", reason, self.eval_task_params) from None
         self._train, self._eval = tuple(train), tuple(held_out)
         return self
 
@@ -256,9 +152,9 @@ class TaskSection(_Section):
         names = ("num_classes", "input_dim", "support_size", "query_size", "task_params")
         found = [(message.find(n), n) for n in names if n in message]
         if not found:
-            return _field_error("task", message)
+            return field_error("task", message)
         name = min(found)[1]
-        return _field_error(f"task.{name}", message, getattr(self, name))
+        return field_error(f"task.{name}", message, getattr(self, name))
 
     @property
     def output_dim(self) -> int:
@@ -421,9 +317,6 @@ class TrackingSection(_Section):
     experiment: _Name = "metapeft"
 
 
-# ----------------------------------------------------------------------- the config
-
-
 class MetaLearningConfig(_Section):
     """The typed configuration of a meta-training run (see the module docstring).
 
@@ -462,10 +355,10 @@ class MetaLearningConfig(_Section):
         classes, loss = self.task.num_classes, self.training.loss
         if loss == "cross_entropy" and classes < 2:
             reason = f"cross_entropy needs a classification task (num_classes >= 2), got {classes}"
-            raise _field_error("training.loss", reason, loss)
+            raise field_error("training.loss", reason, loss)
         if loss == "mse" and classes >= 2:
             reason = f"mse is for regression; a {classes}-way task needs cross_entropy"
-            raise _field_error("training.loss", reason, loss)
+            raise field_error("training.loss", reason, loss)
         return self
 
     # ------------------------------------------------------------------ derived
@@ -528,36 +421,8 @@ class MetaLearningConfig(_Section):
             >>> MetaLearningConfig.from_yaml(path, "prod").training.num_iterations
             20000
         """
-        path = Path(path).expanduser()
-        label = str(path) if profile is None else f"{path} (profile {profile!r})"
-        data = _read_yaml(path)
-        profiles = data.pop("profiles", None)
-        if profiles is None:
-            profiles = {}
-        if not isinstance(profiles, Mapping):
-            raise ConfigError(
-                f"{path}: 'profiles' must be a mapping of profile names to partial configs, "
-                f"got {type(profiles).__name__}",
-                path=path,
-            )
-        layers = [_Layer(data, str(path), path.parent)]
-        if profile is not None:
-            if profile not in profiles:
-                known = ", ".join(map(str, profiles)) if profiles else "none (no 'profiles:')"
-                raise ConfigError(
-                    f"{path}: unknown profile {profile!r}; its profiles are: {known}", path=path
-                )
-            partial = profiles[profile]
-            if partial is None:
-                partial = {}
-            if not isinstance(partial, Mapping):
-                raise ConfigError(
-                    f"{path}: profiles.{profile} must be a mapping (a partial config), "
-                    f"got {type(partial).__name__}",
-                    path=path,
-                )
-            layers.append(_Layer(partial, f"profile {profile!r}", path.parent))
-        return cls._build(layers, label, path, overrides, environ)
+        layers, label = loading.yaml_layers(path, profile)
+        return loading.build(cls, layers, label, path, overrides, environ)
 
     @classmethod
     def default(
@@ -573,7 +438,9 @@ class MetaLearningConfig(_Section):
             >>> MetaLearningConfig.default("dev").training.num_iterations
             200
         """
-        return cls.from_yaml(packaged_config(DEFAULT_CONFIG), profile, overrides, environ=environ)
+        return cls.from_yaml(
+            loading.packaged_config(loading.DEFAULT_CONFIG), profile, overrides, environ=environ
+        )
 
     @classmethod
     def from_dict(
@@ -598,36 +465,10 @@ class MetaLearningConfig(_Section):
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
-        layers = [_Layer(data, "the given dict", Path.cwd())]
-        return cls._build(layers, "(from a dict)", None, overrides, environ if environ else {})
-
-    @classmethod
-    def _build(
-        cls,
-        layers: list[_Layer],
-        label: str,
-        path: Path | None,
-        overrides: Mapping[str, Any] | None,
-        environ: Mapping[str, str] | None,
-    ) -> MetaLearningConfig:
-        layers += _env_layers(os.environ if environ is None else environ, label, path)
-        if overrides is not None:
-            if not isinstance(overrides, Mapping):
-                raise ConfigError(
-                    f"invalid config {label}: overrides must be a nested dict, "
-                    f"got {type(overrides).__name__}",
-                    path=path,
-                )
-            layers.append(_Layer(_drop_none(overrides), "overrides", Path.cwd()))
-        merged: dict[str, Any] = {}
-        origins: dict[tuple[Any, ...], str] = {}
-        for layer in layers:
-            _merge(merged, _resolve_inputs(layer.data, layer.base_dir), origins, layer.source, ())
-        try:
-            return cls.model_validate(merged)
-        except ValidationError as e:
-            problems = tuple(_describe(err, origins, layers[0].source) for err in e.errors())
-            raise _config_error(label, problems, path) from None
+        layers = [loading.Layer(data, "the given dict", Path.cwd())]
+        return loading.build(
+            cls, layers, "(from a dict)", None, overrides, environ if environ else {}
+        )
 
     # ----------------------------------------------------------------- saving
     def to_dict(self) -> dict[str, Any]:
@@ -661,316 +502,6 @@ class MetaLearningConfig(_Section):
         text = (
             "# metapeft MetaLearningConfig, resolved: defaults, profile, environment and\n"
             "# overrides applied, paths absolute.\n"
-        ) + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+        ) + loading.dump_yaml(self.to_dict())
         atomic_write_text(path, text)
         return path
-
-
-# ---------------------------------------------------------------- packaged configs
-
-
-def _configs_dir() -> Any:
-    return resources.files("metapeft").joinpath("configs")
-
-
-def packaged_configs() -> list[str]:
-    """The names of the configs shipped in ``metapeft/configs/``, sorted.
-
-    Example:
-        >>> "sinusoid_maml" in packaged_configs()
-        True
-    """
-    return sorted(
-        entry.name[: -len(".yaml")]
-        for entry in _configs_dir().iterdir()
-        if entry.name.endswith(".yaml") and entry.is_file()
-    )
-
-
-def packaged_config(name: str) -> Path:
-    """The path of a packaged config, by name (``"digits_5way_1shot"``, ``.yaml`` optional).
-
-    Raises:
-        ConfigError: If there is no such config (the message lists the packaged ones).
-
-    Example:
-        >>> packaged_config("lora_sinusoid").name
-        'lora_sinusoid.yaml'
-    """
-    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    known = packaged_configs()
-    if stem not in known:
-        raise ConfigError(f"no packaged config {name!r}; packaged configs: {', '.join(known)}")
-    resource = _configs_dir().joinpath(f"{stem}.yaml")
-    # A package installed as files (wheel or editable) gives a real path.
-    return Path(os.fspath(resource))
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a float and refusing repeated keys.
-
-    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-3``), so ``1e-3``
-    would be the string ``"1e-3"``; mlx-lm adds the same resolver.
-    """
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while reading a mapping",
-                        node.start_mark,
-                        f"found the key {key_node.value!r} twice",
-                        key_node.start_mark,
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$""",
-    ),
-    list("-+0123456789."),
-)
-
-
-class _Dumper(yaml.SafeDumper):
-    """PyYAML's safe dumper, writing lists of scalars on one line (``hidden: [40, 40]``)."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
-    flow = all(not isinstance(item, (list, dict)) for item in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file, or a ConfigError naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}", path=path) from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a folder, not a file: {path}", path=path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}", path=path) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = ": ".join(s for s in (e.context, e.problem) if s)
-        raise ConfigError(f"{path}: invalid YAML{where}: {what}", path=path) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}", path=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of sections (task, model, training, "
-            f"output, tracking, profiles), got {type(data).__name__}",
-            path=path,
-        )
-    return data
-
-
-# ------------------------------------------------------------------------ merging
-
-
-class _Layer:
-    """One source of values: its data, its name in messages, where its paths start."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, base_dir: Path) -> None:
-        self.data, self.source, self.base_dir = data, source, base_dir
-
-
-def _env_layers(environ: Mapping[str, str], label: str, path: Path | None) -> list[_Layer]:
-    """One layer per ``METAPEFT_<SECTION>__<FIELD>[__<KEY>...]`` variable, in name order.
-
-    Variables without ``__`` after the prefix are not config fields and are skipped,
-    and so are empty ones.
-    """
-    found: dict[tuple[str, ...], str] = {}
-    layers = []
-    for name in sorted(environ):
-        rest = name[len(ENV_PREFIX) :] if name.startswith(ENV_PREFIX) else ""
-        if "__" not in rest or environ[name] == "":
-            continue
-        keys = tuple(part.lower() for part in rest.split("__"))
-        if not all(keys):
-            raise ConfigError(
-                f"invalid config {label}: environment variable {name}: expected "
-                f"{ENV_PREFIX}<SECTION>__<FIELD>, "
-                "names separated by exactly two underscores",
-                path=path,
-            )
-        for other_keys, other in found.items():
-            if keys[: len(other_keys)] == other_keys or other_keys[: len(keys)] == keys:
-                raise ConfigError(
-                    f"invalid config {label}: environment variables {other} and {name} "
-                    "set the same field",
-                    path=path,
-                )
-        found[keys] = name
-        try:
-            value = yaml.load(environ[name], Loader=_Loader)  # noqa: S506 (safe)
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(
-                f"invalid config {label}: environment variable {name}={environ[name]!r} "
-                f"is not a YAML value: {problem}",
-                path=path,
-            ) from None
-        for key in reversed(keys):
-            value = {key: value}
-        layers.append(_Layer(value, f"environment variable {name}", Path.cwd()))
-    return layers
-
-
-def _drop_none(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` without its ``None`` values, at every depth (CLI flags not given)."""
-    return {
-        k: _drop_none(v) if isinstance(v, Mapping) else v for k, v in data.items() if v is not None
-    }
-
-
-def _resolve_inputs(data: Mapping[str, Any], base_dir: Path) -> Mapping[str, Any]:
-    """``data`` with its relative input paths (``_INPUT_PATHS``) joined to ``base_dir``."""
-    out = data
-    for keys in _INPUT_PATHS:
-        node: Any = data
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, Mapping) else None
-        value = node.get(keys[-1]) if isinstance(node, Mapping) else None
-        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            continue
-        full = Path(value).expanduser()
-        if full.is_absolute():
-            continue
-        if out is data:
-            out = copy.deepcopy(dict(data))
-        target = out
-        for key in keys[:-1]:
-            target[key] = dict(target[key])
-            target = target[key]
-        target[keys[-1]] = base_dir / full
-    return out
-
-
-def _merge(
-    into: dict[str, Any],
-    layer: Mapping[str, Any],
-    origins: dict[tuple[Any, ...], str],
-    source: str,
-    prefix: tuple[Any, ...] = (),
-) -> None:
-    """Deep-merge ``layer`` into ``into``, noting in ``origins`` where each value came from."""
-    for key, value in layer.items():
-        where = (*prefix, key)
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value, origins, source, where)
-            continue
-        into[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
-        for old in [o for o in origins if o[: len(where)] == where]:
-            del origins[old]
-        origins[where] = source
-
-
-# ------------------------------------------------------------------------- errors
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside a field's annotation (``LoRASection | None`` -> LoRASection)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The section model at ``loc`` (``()`` is the whole config), if any."""
-    model: type[BaseModel] | None = MetaLearningConfig
-    for key in loc:
-        info = model.model_fields.get(key) if isinstance(key, str) else None
-        model = _model_in(info.annotation) if info is not None else None
-        if model is None:
-            return None
-    return model
-
-
-def _unknown_key(loc: tuple[Any, ...]) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return "unknown key"
-    known = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    where = f"fields of {_dotted(loc[:-1])}" if loc[:-1] else "sections"
-    return f"unknown key{hint} ({where}: {', '.join(known)})"
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    """``("model", "hidden", 1)`` -> ``"model.hidden[1]"``."""
-    text = ""
-    for key in loc:
-        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
-    return text
-
-
-def _show(value: Any) -> str:
-    text = repr(str(value) if isinstance(value, Path) else value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _describe(err: Mapping[str, Any], origins: dict[tuple[Any, ...], str], main: str) -> str:
-    """One pydantic error as ``field = value (from source): why``."""
-    ctx = err.get("ctx") or {}
-    if err["type"] == "metapeft_config":
-        loc: tuple[Any, ...] = tuple(ctx["field"].split("."))
-        value, reason = ctx.get("value", _NO_VALUE), ctx["reason"]
-    else:
-        loc, value, reason = tuple(err["loc"]), err.get("input", _NO_VALUE), err["msg"]
-        if err["type"] == "value_error" and "error" in ctx:
-            reason = str(ctx["error"])
-        elif err["type"] == "extra_forbidden":
-            reason = _unknown_key(loc)
-    text = _dotted(loc) or "(top level)"
-    if value is not _NO_VALUE and err["type"] != "missing":
-        text += f" = {_show(value)}"
-    sources = _sources(loc, origins)
-    if not sources:
-        text += " (default)"
-    elif sources != [main]:
-        text += f" (from {' and '.join(s for s in sources if s != main)})"
-    return f"{text}: {reason}"
-
-
-def _sources(loc: tuple[Any, ...], origins: dict[tuple[Any, ...], str]) -> list[str]:
-    """The layers that set the value at ``loc``: the one that set it or its parent, then
-    those that merged parts into it (a mapping merged from several layers)."""
-    found = [origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins][:1]
-    found += [s for o, s in origins.items() if len(o) > len(loc) and o[: len(loc)] == loc]
-    return list(dict.fromkeys(found))
-
-
-def _config_error(label: str, problems: tuple[str, ...], path: Path | None) -> ConfigError:
-    head = f"invalid config {label}"
-    if len(problems) == 1:
-        return ConfigError(f"{head}: {problems[0]}", path=path, problems=problems)
-    shown = [f"  {p}" for p in problems[:10]]
-    if len(problems) > 10:
-        shown.append(f"  ... and {len(problems) - 10} more")
-    message = f"{head}: {len(problems)} problems\n" + "\n".join(shown)
-    return ConfigError(message, path=path, problems=problems)
