@@ -227,16 +227,18 @@ class MetaLearner:
         finally:
             opt.state = committed
 
-    def optimizer_state(self) -> Any:
-        """The outer optimizer's state initialised for the meta-parameters ({} without an
-        optimizer); the optimizer's own state is left as it is until a step commits."""
+    def optimizer_state(self, meta: Any) -> Any:
+        """The outer optimizer's state initialised for the meta-parameters ``meta`` ({}
+        without an optimizer); its own state is left as it is until a step commits."""
         opt = self.optimizer
         if opt is None:
             return {}
         committed = opt.state
+        if all(key in committed for key in meta):  # initialised for these meta-parameters
+            return committed
         opt.state = tree_map(lambda x: x, committed)
         try:
-            opt.init(self.meta_parameters())
+            opt.init(meta)
             return opt.state
         finally:
             opt.state = committed
@@ -254,8 +256,9 @@ class MetaLearner:
         loss_fn = self._loss(loss_fn)
         self.loss_fn = loss_fn
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
+        meta = self.meta_parameters()
         new_meta, new_state, metrics = self._step_function(loss_fn)(
-            self.meta_parameters(), self.optimizer_state(), *data
+            meta, self.optimizer_state(meta), *data
         )
         mx.eval(new_meta, new_state, metrics)
         values = {k: v.item() for k, v in metrics.items() if k != "finite"}
