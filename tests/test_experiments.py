@@ -49,6 +49,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
         ("sinusoid_step_cost.py", ["--tasks", "1,3", "--repeat", "2"]),
         ("quantized_products.py", ["--sizes", "8x64x32", "--repeat", "1"]),
         ("blas_rates.py", ["--sizes", "16x32x8"]),
+        ("two_builds_in_turns.py", [sys.executable, sys.executable, "--rounds", "1"]),
         (
             "real_model_speed.py",
             [
@@ -107,3 +108,31 @@ def test_the_packaged_text_tasks_are_what_make_text_tasks_writes(tmp_path):
     assert out.read_text() == packaged.read_text()
     tasks = {json.loads(line)["task"] for line in out.read_text().splitlines()}
     assert len(tasks) == 8
+
+
+def test_bench_quick_pairs_flags_only_what_is_slower_beyond_the_spread(tmp_path):
+    def run(name, medians):
+        ops = [
+            {"label": label, "params": {"impl": impl}, "median_s": m}
+            for (label, impl), m in medians.items()
+        ]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"operations": ops}))
+        return str(path)
+
+    before = {("a", "fused"): 1.0, ("b", "fused"): 1.0, ("a", "torch"): 1.0}
+    paths = [
+        run("b1", before),
+        run("b2", {**before, ("b", "fused"): 1.05}),
+        run("a1", {("a", "fused"): 1.5, ("b", "fused"): 1.02, ("a", "torch"): 9.0}),
+        run("a2", {("a", "fused"): 1.5, ("b", "fused"): 1.03, ("a", "torch"): 9.0}),
+    ]
+    out = tmp_path / "pairs"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "bench_quick_pairs.py"), *paths, "--out", str(out)],
+        check=True,
+        timeout=120,
+    )
+    text = out.with_suffix(".md").read_text()
+    assert "2 operations; slower after by more than the spread within a side: 1" in text
+    assert "- a (impl=fused): 0.67x" in text and "torch" not in text
