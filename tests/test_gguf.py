@@ -71,11 +71,14 @@ def reference_model():
     return model
 
 
-def write_gguf(model, path: Path, quantize: bool = False) -> None:
-    """``model`` as llama.cpp's converter would write it."""
+def write_gguf(
+    model, path: Path, quantize=None, arch: str = "llama", tokenizer: bool = True
+) -> None:
+    """``model`` as llama.cpp's converter would write it; ``quantize``, a GGML type for the
+    2-D tensors (Q8_0); ``arch`` and ``tokenizer=False`` make files metapeft refuses."""
     config, tokens, vocab = CONFIG, TOKENS, len(TOKENS)
     weights = dict(tree_flatten(model.parameters()))
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(512)
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -86,13 +89,14 @@ def write_gguf(model, path: Path, quantize: bool = False) -> None:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    writer.add_token_merges([])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * vocab)
+        writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+        writer.add_token_merges([])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     for name, value in weights.items():
         w = np.array(value.astype(mx.float32))
         if name.startswith("model.layers."):
@@ -108,11 +112,9 @@ def write_gguf(model, path: Path, quantize: bool = False) -> None:
                 "model.embed_tokens.weight": "token_embd.weight",
                 "model.norm.weight": "output_norm.weight",
             }[name]
-        if quantize and w.ndim == 2:
-            packed = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(
-                target, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0
-            )
+        if quantize is not None and w.ndim == 2:
+            packed = gguf.quants.quantize(w, quantize)
+            writer.add_tensor(target, packed, raw_shape=packed.shape, raw_dtype=quantize)
         else:
             writer.add_tensor(target, w)
     writer.write_header_to_file()
@@ -126,7 +128,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     model = reference_model()
     write_gguf(model, root / "tiny-f32.gguf")
-    write_gguf(model, root / "tiny-q8.gguf", quantize=True)
+    write_gguf(model, root / "tiny-q8.gguf", quantize=gguf.GGMLQuantizationType.Q8_0)
     return root
 
 
@@ -184,6 +186,75 @@ def test_bad_files_and_folders_are_refused_by_name(files, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         convert_gguf(files / "tiny-f32.gguf", tmp_path / "x", "int4")
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("architecture", r"bad\.gguf: architecture 'gpt2' is not supported"),
+        ("quantization", r"bad\.gguf: tensor types Q5_0 are not supported"),
+        ("truncated", r"bad\.gguf: not a GGUF file MLX can read"),
+        ("tokenizer", r"bad\.gguf: GGUF metadata has no tokenizer"),
+    ],
+)
+def test_unsupported_gguf_files_are_refused_by_name(files, tmp_path, kind, message):
+    bad = tmp_path / "bad.gguf"
+    model = reference_model()
+    if kind == "architecture":
+        write_gguf(model, bad, arch="gpt2")
+    elif kind == "quantization":
+        write_gguf(model, bad, quantize=gguf.GGMLQuantizationType.Q5_0)
+    elif kind == "truncated":
+        data = (files / "tiny-f32.gguf").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        write_gguf(model, bad, tokenizer=False)
+    with pytest.raises(ValueError, match=message):
+        convert_gguf(bad, tmp_path / "out")
+    with pytest.raises(ValueError, match=message):
+        load_model(bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_takes_a_gguf_file_and_converts_it_once(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAPEFT_MODELS", str(tmp_path / "models"))
+    tokens = [5, 9, 77, 140, 3, 200]
+    model, _, _ = load_model(files / "tiny-f32.gguf")
+    np.testing.assert_allclose(
+        np.array(model(mx.array([tokens]))), logits(None, tokens)[0:1], rtol=1e-4, atol=1e-4
+    )
+    folders = list((tmp_path / "models" / "converted").iterdir())
+    assert len(folders) == 1 and (folders[0] / "config.json").is_file()
+    written = (folders[0] / "model.safetensors").stat().st_mtime_ns
+    load_model(files / "tiny-f32.gguf")  # the kept folder, not a second conversion
+    assert (folders[0] / "model.safetensors").stat().st_mtime_ns == written
+
+
+def test_meta_train_lora_takes_a_gguf_file(files, tmp_path, monkeypatch):
+    """The exported adapters name the converted folder, which mlx_lm.load takes them on."""
+    import mlx_lm
+
+    monkeypatch.setenv("METAPEFT_MODELS", str(tmp_path / "models"))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        "".join(
+            json.dumps({"task": f"t{t}", "prompt": f"{w} ->", "completion": f" {w[::-1]}"}) + "\n"
+            for t in range(3)
+            for w in ("abc", "def", "ghi", "jkl")
+        )
+    )
+    out = tmp_path / "meta-init"
+    result = CliRunner().invoke(
+        app,
+        ["meta-train-lora", "--model", str(files / "tiny-f32.gguf"), "--tasks", str(tasks)]
+        + ["--output-dir", str(out), "--steps", "2", "--meta-batch-size", "2", "--rank", "2"]
+        + ["--support-size", "2", "--query-size", "2", "--inner-steps", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    converted = json.loads((out / "adapter_config.json").read_text())["model"]
+    assert Path(converted).parent == tmp_path / "models" / "converted"
+    model, tokenizer = mlx_lm.load(converted, adapter_path=str(out))
+    assert model(mx.array([[5, 6, 7]])).shape[:2] == (1, 3)
 
 
 def test_cli_converts_and_reports_errors(files, tmp_path):

@@ -16,6 +16,7 @@ for the traditional (interleaved) RoPE, which computes the same function on them
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -26,13 +27,15 @@ import mlx.core as mx
 
 from metapeft.files import atomic_write_text
 
-__all__ = ["DTYPES", "convert_gguf", "gguf_config"]
+__all__ = ["DTYPES", "convert_gguf", "converted_folder", "gguf_config", "models_dir"]
 
 # What ``convert_gguf`` can write: float dtypes (dequantizing), or the file's own
 # quantization kept as MLX-quantized layers.
 DTYPES = ("float32", "float16", "bfloat16", "quantized")
 ARCHITECTURES = ("llama", "qwen2")
 GROUP_SIZE = 32  # MLX's group size for the GGUF quantizations it reads
+# The GGUF tensor types MLX reads.
+TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 
 # GGUF tensor names -> mlx-lm module paths (the suffixes .weight, .bias, .scales and
 # .biases are kept).
@@ -133,6 +136,12 @@ def read_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict, dict, dic
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError for bad files
+        unsupported = _unsupported_tensor_types(path)
+        if unsupported:
+            raise ValueError(
+                f"{path}: tensor types {', '.join(unsupported)} are not supported (MLX "
+                f"reads {', '.join(TENSOR_TYPES)}; re-quantize the model to one of them)"
+            ) from None
         raise ValueError(f"{path}: not a GGUF file MLX can read ({e})") from None
     config = gguf_config(meta, set(raw), path)
     weights = {_mlx_name(k, path): v for k, v in raw.items()}
@@ -155,6 +164,47 @@ def read_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict, dict, dic
         for k, v in weights.items()
     }
     return weights, config, meta
+
+
+def _unsupported_tensor_types(path: Path) -> list[str]:
+    """The tensor types of a readable GGUF header that MLX does not read ([] when the
+    header cannot be read)."""
+    try:
+        from gguf import GGUFReader
+
+        types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    except Exception:  # a truncated or foreign file: the caller reports it as such
+        return []
+    return sorted(types - set(TENSOR_TYPES))
+
+
+def models_dir() -> Path:
+    """Where metapeft keeps models: ``$METAPEFT_MODELS``, by default ``~/.cache/metapeft``."""
+    default = Path.home() / ".cache" / "metapeft"
+    return Path(os.environ.get("METAPEFT_MODELS", default)).expanduser()
+
+
+def converted_folder(path: str | Path) -> Path:
+    """The mlx-lm folder of the GGUF file ``path`` in float32, converted once and kept
+    in ``models_dir()/converted/`` under the file's name, size and modification time
+    (a changed file converts again).
+
+    Example:
+        >>> converted_folder("SmolLM2-135M-Instruct.Q4_1.gguf").name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1-103679520-1733480000000000000'
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    stat = path.stat()
+    folder = models_dir() / "converted" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "config.json").is_file():
+        try:
+            convert_gguf(path, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process's conversion
+                raise
+    return folder
 
 
 # llama.cpp's special-token keys, as transformers names the tokens.

@@ -28,7 +28,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
 
     Args:
         path: A local folder in mlx-lm's layout (``config.json`` with a supported
-            ``model_type``, ``model*.safetensors``, tokenizer files), or a Hugging
+            ``model_type``, ``model*.safetensors``, tokenizer files); a ``.gguf`` file
+            (llama.cpp's format), converted to such a folder once and kept
+            (:func:`metapeft.lm.gguf.converted_folder`); or a Hugging
             Face repository name (downloaded by mlx-lm when online).
 
     Raises:
@@ -42,6 +44,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     """
     import mlx_lm
 
+    if Path(path).suffix == ".gguf":
+        from metapeft.lm.gguf import converted_folder
+
+        path = converted_folder(path)
     folder = Path(path)
     if not folder.exists() and (folder.is_absolute() or str(path).startswith(".")):
         raise FileNotFoundError(f"{folder}: no such model folder")

@@ -12,6 +12,7 @@ from metapeft.files import atomic_write_text
 from metapeft.learners import MetaLearner, registry
 from metapeft.lm.adapters import ADAPTER_FILE, save_adapters
 from metapeft.lm.data import lm_loss
+from metapeft.lm.gguf import converted_folder
 from metapeft.nn.lora import LoRASpec
 
 __all__ = ["LORA_CONFIG", "build_learner", "export_adapters"]
@@ -53,12 +54,14 @@ def export_adapters(
     ``adapter_config.json`` with ``info`` under ``meta_learning``) and
     ``lora_config.yaml``, the settings ``mlx_lm.lora -c`` needs to fine-tune a new task
     from them (add ``--data`` and ``--train``)."""
-    folder = Path(folder)
-    config = {"model": str(model_path), "meta_learning": info}
+    folder, local = Path(folder), Path(model_path)
+    if local.suffix == ".gguf":  # mlx-lm reads the folder it was converted to
+        local = converted_folder(local)
+    model_path = str(local.resolve()) if local.exists() else str(model_path)
+    config = {"model": model_path, "meta_learning": info}
     save_adapters(folder, model.trainable_parameters(), spec, config)
-    local = Path(model_path)
     lora_config = {
-        "model": str(local.resolve()) if local.exists() else str(model_path),
+        "model": model_path,
         "fine_tune_type": "lora",
         "num_layers": spec.num_layers,
         "lora_parameters": spec.lora_parameters(),
