@@ -281,3 +281,47 @@ def test_smollm2_answers_after_conversion(tmp_path):
     out = convert_gguf(SMOLLM2, tmp_path / "smollm2")
     model, tokenizer, _ = load_model(out)
     assert "Paris" in generate(model, tokenizer, prompt="The capital of France is", max_tokens=8)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not SMOLLM2.is_file(), reason=f"{SMOLLM2} not fetched (experiments/fetch_smollm2.py)"
+)
+def test_smollm2_float_conversion_gives_the_files_own_quantized_logits(tmp_path):
+    """Dequantized to float32 once, or kept as the file's own weights (Q4_1, and the Q8_0
+    tensors among them) in MLX-quantized layers: the two give the same logits, to the
+    rounding of float arithmetic."""
+    tokens = [[1, 504, 3575, 282, 4649, 314]]
+    outs = []
+    for dtype in ("float32", "quantized"):
+        model, _, _ = load_model(convert_gguf(SMOLLM2, tmp_path / dtype, dtype))
+        outs.append(np.array(model(mx.array(tokens)).astype(mx.float32)))
+    # 30 blocks of rounding in another order: within 1% of the largest logit, and the
+    # same greedy token everywhere.
+    assert np.abs(outs[0] - outs[1]).max() <= 0.01 * np.abs(outs[0]).max()
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).all()
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not SMOLLM2.is_file(), reason=f"{SMOLLM2} not fetched (experiments/fetch_smollm2.py)"
+)
+def test_meta_train_lora_on_smollm2_gguf_exports_adapters_mlx_lm_generates_with(
+    tmp_path, monkeypatch
+):
+    import mlx_lm
+    from mlx_lm import generate
+
+    monkeypatch.setenv("METAPEFT_MODELS", str(tmp_path / "models"))
+    tasks = Path(__file__).resolve().parent.parent / "metapeft" / "configs" / "text_tasks.jsonl"
+    out = tmp_path / "meta-init"
+    result = CliRunner().invoke(
+        app,
+        ["meta-train-lora", "--model", str(SMOLLM2), "--tasks", str(tasks)]
+        + ["--output-dir", str(out), "--steps", "1", "--meta-batch-size", "2", "--rank", "4"]
+        + ["--target-modules", "self_attn.q_proj,self_attn.v_proj", "--inner-steps", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    converted = json.loads((out / "adapter_config.json").read_text())["model"]
+    model, tokenizer = mlx_lm.load(converted, adapter_path=str(out))
+    assert generate(model, tokenizer, prompt="The capital of France is", max_tokens=4)

@@ -148,10 +148,14 @@ def read_gguf(path: str | Path, dtype: str = "float32") -> tuple[dict, dict, dic
     quantized = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
     bits = {_quantized_bits(weights, name) for name in quantized}
     if dtype == "quantized":
-        if len(bits) > 1:
-            raise ValueError(f"{path}: mixed quantizations ({sorted(bits)} bits) cannot be kept")
         if bits:
-            config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits.pop()}
+            # The commonest width; mlx-lm reads each other layer's own from its arrays
+            # (GGUF files mix them: SmolLM2's Q4_1 keeps some tensors in Q8_0).
+            widths = [_quantized_bits(weights, name) for name in quantized]
+            config["quantization"] = {
+                "group_size": GROUP_SIZE,
+                "bits": max(set(widths), key=widths.count),
+            }
         return weights, config, meta
     target = getattr(mx, dtype)
     for name in quantized:
