@@ -1,48 +1,33 @@
-"""Writes ``metapeft/configs/text_tasks.jsonl``, the packaged example of text tasks: a
-few string transformations a small pretrained model learns from examples (reverse a
-word, upper-case it, its first letters, ...), deterministic for a seed.
+"""Writes the few-shot text task families of :mod:`metapeft.lm.text_families` as JSONL,
+one file per split of task types (``train``, ``val``, ``test``, disjoint), for
+``metapeft meta-train-lora`` and the ``lm:`` section of a config. The packaged example
+(``metapeft/configs/text_tasks_*.jsonl``) is this script's output with its defaults.
 
 Usage:
-    python experiments/make_text_tasks.py --out metapeft/configs/text_tasks.jsonl
+    python experiments/make_text_tasks.py --out-dir metapeft/configs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
 from pathlib import Path
 
-WORDS = (
-    "apple river stone cloud garden window silver forest candle orange planet "
-    "butter meadow pencil rocket castle mirror winter summer bridge lemon tiger "
-    "marble feather harbor jungle violin basket copper island"
-).split()
-
-TASKS = {
-    "reverse": lambda w: w[::-1],
-    "upper": str.upper,
-    "first_three": lambda w: w[:3],
-    "last_letter": lambda w: w[-1],
-    "double": lambda w: w + w,
-    "vowels": lambda w: "".join(c for c in w if c in "aeiou"),
-    "length": lambda w: str(len(w)),
-    "capitalise_last": lambda w: w[:-1] + w[-1].upper(),
-}
+from metapeft.lm.text_families import SPLITS, write_split
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--per-task", type=int, default=16)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--prefix", default="text_tasks")
+    parser.add_argument("--tasks-per-type", type=int, default=4)
+    parser.add_argument("--examples-per-task", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    lines = []
-    for name, fn in TASKS.items():
-        for word in rng.sample(WORDS, args.per_task):
-            lines.append({"task": name, "prompt": f"{word} ->", "completion": f" {fn(word)}"})
-    args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        path = args.out_dir / f"{args.prefix}_{split}.jsonl"
+        write_split(path, split, args.tasks_per_type, args.examples_per_task, args.seed)
+        print(f"{path}: {len(SPLITS[split])} task types x {args.tasks_per_type} tasks")
 
 
 if __name__ == "__main__":

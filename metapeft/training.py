@@ -178,7 +178,8 @@ def setup(config: Any) -> Setup:
     )
     sizes = (spec.support_size, spec.query_size, spec.max_seq_length)
     train_tasks = lm.TextTasks.from_jsonl(spec.tasks_file, tokenizer, *sizes, t.seed)
-    eval_tasks = lm.TextTasks.from_jsonl(spec.tasks_file, tokenizer, *sizes, t.seed + 1_000_003)
+    held_out = spec.val_tasks_file or spec.tasks_file
+    eval_tasks = lm.TextTasks.from_jsonl(held_out, tokenizer, *sizes, t.seed + 1_000_003)
     return Setup(model, learner, train_tasks, eval_tasks, lora=lora)
 
 

@@ -98,16 +98,16 @@ def test_meta_train_lora_timing_reads_every_step(tmp_path):
 
 
 def test_the_packaged_text_tasks_are_what_make_text_tasks_writes(tmp_path):
-    out = tmp_path / "text_tasks.jsonl"
     subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "make_text_tasks.py"), "--out", str(out)],
+        [sys.executable, str(EXPERIMENTS / "make_text_tasks.py"), "--out-dir", str(tmp_path)],
         check=True,
+        capture_output=True,
         timeout=120,
     )
-    packaged = EXPERIMENTS.parent / "metapeft" / "configs" / "text_tasks.jsonl"
-    assert out.read_text() == packaged.read_text()
-    tasks = {json.loads(line)["task"] for line in out.read_text().splitlines()}
-    assert len(tasks) == 8
+    packaged = EXPERIMENTS.parent / "metapeft" / "configs"
+    for split in ("train", "val", "test"):
+        name = f"text_tasks_{split}.jsonl"
+        assert (tmp_path / name).read_text() == (packaged / name).read_text(), name
 
 
 def test_bench_quick_pairs_flags_only_what_is_slower_beyond_the_spread(tmp_path):

@@ -33,10 +33,12 @@ def lm_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-run")
     save_random_model(root / "tiny-llama", "llama", **SIZES)
     substitution_tasks(root / "tasks.jsonl")
+    substitution_tasks(root / "val.jsonl", num_tasks=3, seed=1)
     config = {
         "lm": {
             "model": "tiny-llama",
             "tasks_file": "tasks.jsonl",
+            "val_tasks_file": "val.jsonl",
             "support_size": 2,
             "query_size": 2,
             "lora": {"rank": 4, "target_modules": ["self_attn.q_proj", "self_attn.v_proj"]},

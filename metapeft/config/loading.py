@@ -27,6 +27,7 @@ INPUT_PATHS: tuple[tuple[str, ...], ...] = (
     ("task", "tasks_file"),
     ("lm", "model"),
     ("lm", "tasks_file"),
+    ("lm", "val_tasks_file"),
     ("lm", "base_adapters"),
 )
 

@@ -198,6 +198,9 @@ class LMSection(_Section):
         model: The mlx-lm model folder (relative paths: to the config file).
         tasks_file: JSONL of text tasks: ``task`` and ``text``, or ``task``,
             ``prompt`` and ``completion`` (:class:`metapeft.lm.TextTasks`).
+        val_tasks_file: JSONL of held-out tasks (their types disjoint from the
+            training tasks', as :mod:`metapeft.lm.text_families` writes them) for the
+            evaluations that choose ``best``; None: other draws of ``tasks_file``.
         support_size: Examples per task in the support set.
         query_size: Examples per task in the query set.
         max_seq_length: Longer examples are cut.
@@ -212,6 +215,7 @@ class LMSection(_Section):
 
     model: Path
     tasks_file: FilePath
+    val_tasks_file: FilePath | None = None
     support_size: _PosInt = 4
     query_size: _PosInt = 4
     max_seq_length: _PosInt = 512
@@ -220,7 +224,7 @@ class LMSection(_Section):
     grad_checkpoint: _Bool = False
     task_loop: _Bool = False
 
-    @field_validator("model", "tasks_file", "base_adapters")
+    @field_validator("model", "tasks_file", "val_tasks_file", "base_adapters")
     @classmethod
     def _absolute_path(cls, value: Path | None) -> Path | None:
         return None if value is None else _absolute(value)
