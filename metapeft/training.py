@@ -117,24 +117,34 @@ def build_learner(config: Any, model: nn.Module) -> MetaLearner:
     )
 
 
-def task_distributions(config: Any) -> tuple[TaskDistribution, TaskDistribution]:
-    """(meta-training distribution, held-out evaluation distribution)."""
+# Seed offsets of the validation and evaluation samplers: their tasks are other draws
+# than the training ones, and than each other's.
+EVAL_SEED, VAL_SEED = 1_000_003, 2_000_003
+
+
+def task_distributions(
+    config: Any,
+) -> tuple[TaskDistribution, TaskDistribution, TaskDistribution]:
+    """The meta-training distribution, the validation one a run chooses its ``best``
+    checkpoint on, and the held-out evaluation one ``metapeft evaluate`` reports on."""
     seed = config.training.seed
     return (
         TaskDistribution(config.task_configs(), seed=seed),
-        TaskDistribution(config.task_configs(evaluation=True), seed=seed + 1_000_003),
+        TaskDistribution(config.task_configs(validation=True), seed=seed + VAL_SEED),
+        TaskDistribution(config.task_configs(evaluation=True), seed=seed + EVAL_SEED),
     )
 
 
 @dataclass
 class Setup:
-    """What a config builds: the model, its learner, the meta-training and held-out
-    task samplers, the metric reported beside the loss, and (``lm`` runs) the adapter
-    spec to export."""
+    """What a config builds: the model, its learner, the task samplers (meta-training,
+    validation for ``best``, held-out evaluation), the metric reported beside the loss,
+    and (``lm`` runs) the adapter spec to export."""
 
     model: nn.Module
     learner: MetaLearner
     train_tasks: Any
+    val_tasks: Any
     eval_tasks: Any
     metric_fn: Any = None
     lora: Any = None
@@ -177,10 +187,19 @@ def setup(config: Any) -> Setup:
         model, t.algorithm, t.inner_lr, t.inner_steps, getattr(t, cls.outer_lr_setting), batched
     )
     sizes = (spec.support_size, spec.query_size, spec.max_seq_length)
-    train_tasks = lm.TextTasks.from_jsonl(spec.tasks_file, tokenizer, *sizes, t.seed)
-    held_out = spec.val_tasks_file or spec.tasks_file
-    eval_tasks = lm.TextTasks.from_jsonl(held_out, tokenizer, *sizes, t.seed + 1_000_003)
-    return Setup(model, learner, train_tasks, eval_tasks, lora=lora)
+
+    def tasks(path: Path | None, offset: int) -> lm.TextTasks:
+        return lm.TextTasks.from_jsonl(path or spec.tasks_file, tokenizer, *sizes, t.seed + offset)
+
+    val_file = spec.val_tasks_file
+    return Setup(
+        model,
+        learner,
+        tasks(spec.tasks_file, 0),
+        tasks(val_file, VAL_SEED),
+        tasks(spec.test_tasks_file or val_file, EVAL_SEED),
+        lora=lora,
+    )
 
 
 def train(
@@ -226,7 +245,7 @@ def _train(
     logger.info("config: %s", json.dumps(config.to_dict(), default=str))
     run = setup(config)
     learner, metric_fn, train_tasks = run.learner, run.metric_fn, run.train_tasks
-    held_out = run.eval_tasks.sample(config.training.eval_tasks)
+    held_out = run.val_tasks.sample(config.training.eval_tasks)
     best = float("inf")
     if resume:
         if not paths.last.is_file():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
+import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten
@@ -670,3 +671,33 @@ def test_lora_targets_are_the_hidden_layers_of_the_mlp() -> None:
         "layers.2.lora_a",
         "layers.2.lora_b",
     ]
+
+
+def test_validation_tasks_choose_best_and_evaluation_tasks_are_other_ones() -> None:
+    """A run chooses ``best`` on the validation tasks (digits: the val split) and
+    ``metapeft evaluate`` reports on the evaluation tasks (the test split): never the
+    same tasks, also where both come from one distribution (other draws)."""
+    from metapeft import training
+
+    digits = MetaLearningConfig.from_yaml(packaged_config("digits_5way_1shot"))
+    assert digits.task_configs(validation=True)[0].task_params == {"split": "val"}
+    assert digits.task_configs(evaluation=True)[0].task_params == {"split": "test"}
+    sine = MetaLearningConfig.default("dev")
+    val_configs, eval_configs = (
+        sine.task_configs(validation=True),
+        sine.task_configs(evaluation=True),
+    )
+    assert [c.task_params for c in val_configs] == [c.task_params for c in eval_configs]
+    _, val, held_out = training.task_distributions(sine)
+    a, b = val.sample(20), held_out.sample(20)
+    assert not np.allclose(np.array(a.support_y), np.array(b.support_y))
+    with pytest.raises(ValueError, match="not both"):
+        sine.task_configs(evaluation=True, validation=True)
+    config_error(
+        lambda: MetaLearningConfig.from_yaml(
+            packaged_config("digits_5way_1shot"),
+            overrides={"task": {"val_task_params": {"split": "dev"}}},
+        ),
+        "task.val_task_params",
+        "for validation",
+    )

@@ -28,6 +28,7 @@ INPUT_PATHS: tuple[tuple[str, ...], ...] = (
     ("lm", "model"),
     ("lm", "tasks_file"),
     ("lm", "val_tasks_file"),
+    ("lm", "test_tasks_file"),
     ("lm", "base_adapters"),
 )
 

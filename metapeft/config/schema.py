@@ -68,8 +68,13 @@ class TaskSection(_Section):
             ``num_classes``, which size the model; ``family``, the sizes and
             ``task_params`` of this section are then unused.
         eval_task_params: Merged (key by key) over each task's ``task_params`` for
-            held-out evaluation, e.g. ``{"split": "test"}`` for digits.
-        eval_query_size: Query examples per evaluation task; ``None`` for ``query_size``.
+            held-out evaluation (``metapeft evaluate``), e.g. ``{"split": "test"}`` for
+            digits.
+        val_task_params: The same for the validation tasks a run evaluates on to choose
+            its ``best`` checkpoint, e.g. ``{"split": "val"}``; ``None`` for
+            ``eval_task_params`` (the validation tasks are then other draws).
+        eval_query_size: Query examples per evaluation (and validation) task; ``None``
+            for ``query_size``.
     """
 
     family: _Name = "sinusoid"
@@ -80,10 +85,12 @@ class TaskSection(_Section):
     task_params: dict[str, Any] = Field(default_factory=dict)
     tasks_file: FilePath | None = None
     eval_task_params: dict[str, Any] = Field(default_factory=dict)
+    val_task_params: dict[str, Any] | None = None
     eval_query_size: _PosInt | None = None
 
     _train: tuple[TaskConfig, ...] = PrivateAttr(default=())
     _eval: tuple[TaskConfig, ...] = PrivateAttr(default=())
+    _val: tuple[TaskConfig, ...] = PrivateAttr(default=())
 
     @field_validator("tasks_file")
     @classmethod
@@ -129,23 +136,34 @@ class TaskSection(_Section):
                             "of this section, which sizes the model",
                             getattr(self, name),
                         )
+        val_params = self.eval_task_params if self.val_task_params is None else self.val_task_params
+        self._train = tuple(train)
+        self._eval = self._held_out(train, "eval", self.eval_task_params)
+        self._val = self._held_out(train, "val", val_params)
+        return self
+
+    def _held_out(
+        self, train: list[TaskConfig], name: str, params: dict[str, Any]
+    ) -> tuple[TaskConfig, ...]:
+        """The training tasks with ``params`` merged into theirs and the evaluation
+        query size: the evaluation or the validation tasks."""
         try:
-            held_out = [
+            return tuple(
                 TaskConfig(
                     **{
                         **c.to_dict(),
-                        "task_id": c.task_id if self.tasks_file else "eval",
-                        "task_params": {**c.task_params, **self.eval_task_params},
+                        "task_id": c.task_id if self.tasks_file else name,
+                        "task_params": {**c.task_params, **params},
                         "query_size": self.eval_query_size or c.query_size,
                     }
                 )
                 for c in train
-            ]
+            )
         except (TypeError, ValueError) as e:
-            reason = f"for evaluation (task_params merged with eval_task_params): {e}"
-            raise field_error("task.eval_task_params", reason, self.eval_task_params) from None
-        self._train, self._eval = tuple(train), tuple(held_out)
-        return self
+            field = f"{name}_task_params"
+            use = "evaluation" if name == "eval" else "validation"
+            reason = f"for {use} (task_params merged with {field}): {e}"
+            raise field_error(f"task.{field}", reason, params) from None
 
     def _task_error(self, message: str) -> PydanticCustomError:
         """TaskConfig's complaint, placed on the first field that it names."""
@@ -201,6 +219,8 @@ class LMSection(_Section):
         val_tasks_file: JSONL of held-out tasks (their types disjoint from the
             training tasks', as :mod:`metapeft.lm.text_families` writes them) for the
             evaluations that choose ``best``; None: other draws of ``tasks_file``.
+        test_tasks_file: JSONL of the tasks ``metapeft evaluate`` reports on (types
+            disjoint from both); None: other draws of ``val_tasks_file``.
         support_size: Examples per task in the support set.
         query_size: Examples per task in the query set.
         max_seq_length: Longer examples are cut.
@@ -216,6 +236,7 @@ class LMSection(_Section):
     model: Path
     tasks_file: FilePath
     val_tasks_file: FilePath | None = None
+    test_tasks_file: FilePath | None = None
     support_size: _PosInt = 4
     query_size: _PosInt = 4
     max_seq_length: _PosInt = 512
@@ -224,7 +245,7 @@ class LMSection(_Section):
     grad_checkpoint: _Bool = False
     task_loop: _Bool = False
 
-    @field_validator("model", "tasks_file", "val_tasks_file", "base_adapters")
+    @field_validator("model", "tasks_file", "val_tasks_file", "test_tasks_file", "base_adapters")
     @classmethod
     def _absolute_path(cls, value: Path | None) -> Path | None:
         return None if value is None else _absolute(value)
@@ -371,17 +392,25 @@ class MetaLearningConfig(_Section):
         """``[input_dim, *hidden, output_dim]``: the MLP's widths, input to output."""
         return [self.task.input_dim, *self.model.hidden, self.task.output_dim]
 
-    def task_configs(self, *, evaluation: bool = False) -> list[TaskConfig]:
-        """The tasks to meta-train on, or (``evaluation=True``) to evaluate on.
+    def task_configs(
+        self, *, evaluation: bool = False, validation: bool = False
+    ) -> list[TaskConfig]:
+        """The tasks to meta-train on, to evaluate on (``evaluation=True``), or to choose
+        the ``best`` checkpoint on (``validation=True``).
 
         Evaluation tasks are the training ones with ``eval_task_params`` merged over
-        their ``task_params`` and ``eval_query_size`` query examples.
+        their ``task_params`` and ``eval_query_size`` query examples; validation tasks
+        the same with ``val_task_params`` (by default ``eval_task_params``).
 
         Example:
             >>> config = MetaLearningConfig.from_yaml(packaged_config("digits_5way_1shot"))
             >>> config.task_configs(evaluation=True)[0].task_params
             {'split': 'test'}
         """
+        if evaluation and validation:
+            raise ValueError("ask for the evaluation or the validation tasks, not both")
+        if validation:
+            return list(self.task._val)
         return list(self.task._eval if evaluation else self.task._train)
 
     # ----------------------------------------------------------------- loading
