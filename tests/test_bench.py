@@ -193,6 +193,15 @@ def test_linearity_names_fixed_cost_and_growth():
     assert "lowest at tasks=4" in text and "fixed cost" in text and "not linear" in text
 
 
+def test_the_rank_sentence_is_computed_from_the_sweep():
+    ops = [_op("s", c, impl="fused", rank=r) for r, c in ((2, 1.0), (4, 1.1), (8, 1.3))]
+    text = report.linearity(report.sweeps(_data(*ops))[0])
+    assert "4x the rank) a meta-step costs 1.30x as much" in text
+    assert "90% of the step at rank=2 and 69% at rank=8" in text
+    steep = [_op("s", c, impl="fused", rank=r) for r, c in ((2, 1.0), (4, 2.0), (8, 4.0))]
+    assert "0% of the step at rank=2" in report.linearity(report.sweeps(_data(*steep))[0])
+
+
 def test_compare_matches_operations_and_rejects_disjoint_runs():
     a = _data(_op("op", 2.0, impl="fused"), _op("only a", 1.0, impl="fused"))
     b = _data(_op("op", 1.0, impl="fused"))

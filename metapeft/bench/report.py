@@ -104,10 +104,14 @@ def linearity(sweep: Sweep) -> str:
     unit is within 25% of its best; for rank, the growth over the whole range."""
     if sweep.key == "rank":
         (r0, first), (r1, last) = sweep.points[0], sweep.points[-1]
+        c0, c1 = first["median_s"], last["median_s"]
+        # cost = a + b * rank through the two ends: a is the part the rank does not touch.
+        a = c0 - (c1 - c0) / (r1 - r0) * r0 if r1 != r0 else c0
         return (
             f"From rank={r0} to rank={r1} ({r1 / r0:g}x the rank) a meta-step costs "
-            f"{last['median_s'] / first['median_s']:.2f}x as much: the frozen base's "
-            "products, which do not depend on the rank, take most of the time."
+            f"{c1 / c0:.2f}x as much. A line through the two ends puts the part that does "
+            f"not depend on the rank at {a / c0:.0%} of the step at rank={r0} and "
+            f"{a / c1:.0%} at rank={r1}."
         )
     per = [(v, op["median_s"] / v) for v, op in sweep.points if v > 0]
     best_v, best = min(per, key=lambda p: p[1])
@@ -234,7 +238,8 @@ def markdown(data: dict[str, Any], plots: list[Path] | None = None) -> str:
                 f"The intercept is what every task shares (the model, the meta-parameters, "
                 f"the optimizer state), the slope what each task adds (its adapted "
                 f"parameters and the activations kept for the backward pass through the "
-                f"inner loop). Extrapolated from T <= {sw.points[-1][0]}, the largest T "
+                f"inner loop). Extrapolated from the T = {sw.points[0][0]} to "
+                f"{sw.points[-1][0]} measured, the largest T "
                 f"whose step fits in {format_bytes(fit.budget)} of memory is "
                 f"**{fit.max_tasks}**.",
             ]
