@@ -13,7 +13,11 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 @pytest.mark.parametrize(
     "script, args",
     [
-        ("sinusoid.py", ["--steps", "3", "--eval-tasks", "5", "--algorithms", "maml,reptile"]),
+        (
+            "sinusoid.py",
+            ["--steps", "3", "--tune-steps", "2", "--lr-grid", "0.01,0.03", "--seeds", "0,1"]
+            + ["--eval-tasks", "5", "--algorithms", "maml,reptile"],
+        ),
         ("digits.py", ["--steps", "2", "--episodes", "5", "--algorithms", "fomaml"]),
         (
             "lm_memory.py",

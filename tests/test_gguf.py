@@ -313,7 +313,9 @@ def test_meta_train_lora_on_smollm2_gguf_exports_adapters_mlx_lm_generates_with(
     from mlx_lm import generate
 
     monkeypatch.setenv("METAPEFT_MODELS", str(tmp_path / "models"))
-    tasks = Path(__file__).resolve().parent.parent / "metapeft" / "configs" / "text_tasks.jsonl"
+    tasks = (
+        Path(__file__).resolve().parent.parent / "metapeft" / "configs" / "text_tasks_train.jsonl"
+    )
     out = tmp_path / "meta-init"
     result = CliRunner().invoke(
         app,
