@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--tune-steps", type=int, default=5_000)
-    parser.add_argument("--lr-grid", default="0.003,0.01,0.03,0.1")
+    parser.add_argument("--lr-grid", default="0.001,0.003,0.01,0.03,0.1")
     parser.add_argument("--algorithms", default="maml,fomaml,metasgd,reptile")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--seeds", default="0,1,2")
