@@ -73,9 +73,15 @@ def run(
     )
     model = network(seed)
     meta = learner(name, model, inner_steps, inner_lr)
+    out = {"algorithm": name, "meta_steps": steps, "inner_lr": inner_lr, "seed": seed}
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        metrics = meta.meta_train_step(train.sample(META_BATCH), mse)
+        try:
+            metrics = meta.meta_train_step(train.sample(META_BATCH), mse)
+        except FloatingPointError as e:  # this step size diverges: no score
+            print(f"  {name} inner_lr={inner_lr}: {e}", flush=True)
+            out["train_seconds"] = time.perf_counter() - start
+            return {**out, **{f"losses_{k}": [float("nan")] * len(tasks.support_x) for k in ks}}
         if step % max(1, steps // 10) == 0:
             rate = step / (time.perf_counter() - start)
             print(
@@ -85,7 +91,6 @@ def run(
             )
     seconds = time.perf_counter() - start
     # adaptation uses the inner step size of meta-training (Meta-SGD: its learned rates)
-    out = {"algorithm": name, "meta_steps": steps, "inner_lr": inner_lr, "seed": seed}
     out["train_seconds"] = seconds
     for k in ks:
         out[f"losses_{k}"] = meta.evaluate(tasks, steps=k, loss_fn=mse)["query_losses"].tolist()
