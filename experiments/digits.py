@@ -5,11 +5,13 @@ of :mod:`metapeft.tasks.digits` (rotated 8x8 digits, whole digits held out), the
 adapt to 600 episodes drawn from the meta-test classes. Two baselines see the
 same episodes: a network trained from random initialisation on the support set,
 and one pretrained as a classifier on all meta-train classes whose hidden layers
-are then fine-tuned with a fresh output layer. Every method adapts with the same
-SGD step and number of steps. Accuracy is reported with a 95% confidence interval.
+are then fine-tuned with a fresh output layer. Each method's SGD step size is chosen
+from a grid on episodes of the validation classes (the first seed; meta-learners with
+``--tune-steps`` meta-steps), then every seed runs with it. Accuracy is the mean over
+the test episodes of all seeds, with a 95% confidence interval.
 
 Usage:
-    python experiments/digits.py --steps 3000 --out results/<machine>/digits
+    python experiments/digits.py --steps 3000 --seeds 0,1,2 --out results/<machine>/digits
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from metapeft.training import accuracy, cross_entropy
 
 WAYS = 5
 HIDDEN = 128
-INNER_LR = 0.1
 INNER_STEPS = 5
 META_BATCH = 16
+BASELINES = ("random init", "pretrained")
 
 
 def network(seed: int, outputs: int = WAYS) -> nn.Sequential:
@@ -64,9 +66,9 @@ def tasks(split: str, shots: int, seed: int) -> TaskDistribution:
     return TaskDistribution(config, seed=seed)
 
 
-def meta_learner(name: str, model: nn.Module):
+def meta_learner(name: str, model: nn.Module, inner_lr: float):
     adam = optim.Adam(1e-3, bias_correction=True)
-    kwargs = {"inner_lr": INNER_LR, "inner_steps": INNER_STEPS}
+    kwargs = {"inner_lr": inner_lr, "inner_steps": INNER_STEPS}
     if name == "reptile":
         return Reptile(model, epsilon=0.1, **kwargs)
     return {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD}[name](model, adam, **kwargs)
@@ -90,68 +92,83 @@ def pretrained(seed: int, epochs: int = 30) -> nn.Sequential:
     return model
 
 
-def score(model: nn.Module, episodes, steps: int) -> tuple[float, float]:
-    """Accuracy after fine-tuning every episode from ``model`` with plain SGD."""
-    plain = MAML(model, inner_lr=INNER_LR)
-    return confidence(
-        plain.evaluate(episodes, steps, loss_fn=cross_entropy, metric_fn=accuracy)["query_metrics"]
-    )
+def score(model: nn.Module, episodes, steps: int, lr: float) -> list[float]:
+    """Per-episode accuracies after fine-tuning every episode from ``model`` with SGD."""
+    plain = MAML(model, inner_lr=lr)
+    out = plain.evaluate(episodes, steps, loss_fn=cross_entropy, metric_fn=accuracy)
+    return out["query_metrics"].tolist()
+
+
+def accuracies(name: str, shots: int, lr: float, seed: int, steps: int, episodes, args) -> list:
+    """``name`` (a meta-learner after ``steps`` meta-steps, or a baseline) adapted to each
+    of ``episodes`` for ``--eval-steps`` steps of size ``lr``: per-episode accuracies."""
+    if name == "random init":
+        return score(network(seed), episodes, args.eval_steps, lr)
+    if name == "pretrained":
+        return score(pretrained(seed), episodes, args.eval_steps, lr)
+    learner = meta_learner(name, network(seed), lr)
+    train = tasks("train", shots, seed=seed)
+    for step in range(1, steps + 1):
+        try:
+            metrics = learner.meta_train_step(train.sample(META_BATCH), cross_entropy)
+        except FloatingPointError as e:  # this step size diverges
+            print(f"  {shots}-shot {name} lr={lr}: {e}", flush=True)
+            return [float("nan")] * len(episodes.support_x)
+        if step % max(1, steps // 5) == 0:
+            print(f"  {shots}-shot {name} lr={lr} step {step}: query {metrics['query_loss']:.3f}")
+    out = learner.evaluate(episodes, args.eval_steps, loss_fn=cross_entropy, metric_fn=accuracy)
+    return out["query_metrics"].tolist()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--tune-steps", type=int, default=1000)
+    parser.add_argument("--lr-grid", default="0.01,0.03,0.1,0.3,1.0")
     parser.add_argument("--algorithms", default="maml,fomaml,metasgd,reptile")
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    seeds = [int(v) for v in args.seeds.split(",")]
+    grid = [float(v) for v in args.lr_grid.split(",")]
     rows = []
     for shots in (1, 5):
-        test = tasks("test", shots, seed=10_000 + args.seed).sample(args.episodes)
-        for name in args.algorithms.split(","):
-            model = network(args.seed)
-            learner = meta_learner(name, model)
-            train = tasks("train", shots, seed=args.seed)
+        val = tasks("val", shots, seed=20_000 + seeds[0]).sample(args.episodes)
+        for name in [*args.algorithms.split(","), *BASELINES]:
+            steps = 0 if name in BASELINES else args.steps
+            tune_steps = 0 if name in BASELINES else args.tune_steps
+            scores = {}
+            for lr in grid:
+                mean = float(np.mean(accuracies(name, shots, lr, seeds[0], tune_steps, val, args)))
+                scores[lr] = mean if np.isfinite(mean) else -1.0
+            lr = max(scores, key=scores.get)
             start = time.perf_counter()
-            for step in range(1, args.steps + 1):
-                metrics = learner.meta_train_step(train.sample(META_BATCH), cross_entropy)
-                if step % max(1, args.steps // 5) == 0:
-                    print(
-                        f"  {shots}-shot {name} step {step}: query {metrics['query_loss']:.3f}",
-                        flush=True,
-                    )
-            out = learner.evaluate(test, args.eval_steps, loss_fn=cross_entropy, metric_fn=accuracy)
+            pooled = []
+            for seed in seeds:
+                test = tasks("test", shots, seed=10_000 + seed).sample(args.episodes)
+                pooled += accuracies(name, shots, lr, seed, steps, test, args)
             rows.append(
                 {
                     "shots": shots,
                     "method": name,
-                    "meta_steps": args.steps,
-                    "train_seconds": time.perf_counter() - start,
-                    "accuracy": confidence(out["query_metrics"]),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-        for name, model in (
-            ("random init", network(args.seed)),
-            ("pretrained", pretrained(args.seed)),
-        ):
-            rows.append(
-                {
-                    "shots": shots,
-                    "method": name,
-                    "meta_steps": 0,
-                    "accuracy": score(model, test, args.eval_steps),
+                    "meta_steps": steps,
+                    "lr": lr,
+                    "validation_accuracy_by_lr": {str(k): v for k, v in scores.items()},
+                    "seeds": seeds,
+                    "seconds": time.perf_counter() - start,
+                    "accuracy": confidence(np.array(pooled)),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     table = [
-        f"5-way accuracy on {args.episodes} meta-test episodes after {args.eval_steps} SGD "
-        f"steps (lr {INNER_LR}), 95% CI",
+        f"5-way accuracy on {args.episodes} meta-test episodes per seed (seeds "
+        f"{', '.join(map(str, seeds))}) after {args.eval_steps} SGD steps of each method's "
+        "step size, tuned on validation episodes; 95% CI",
         "",
-        "| method | meta-steps | 1-shot | 5-shot |",
-        "|---|---:|---:|---:|",
+        "| method | meta-steps | step (1-shot, 5-shot) | 1-shot | 5-shot |",
+        "|---|---:|---|---:|---:|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = {r["shots"]: r for r in rows if r["method"] == method}
@@ -159,7 +176,10 @@ def main() -> None:
             s: f"{100 * r['accuracy'][0]:.1f} ± {100 * r['accuracy'][1]:.1f}%"
             for s, r in cells.items()
         }
-        table.append(f"| {method} | {cells[1]['meta_steps']} | {acc[1]} | {acc[5]} |")
+        steps_cell = f"{cells[1]['lr']:g}, {cells[5]['lr']:g}"
+        table.append(
+            f"| {method} | {cells[1]['meta_steps']} | {steps_cell} | {acc[1]} | {acc[5]} |"
+        )
     write_results(args.out, args, rows, table)
 
 

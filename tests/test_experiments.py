@@ -18,7 +18,11 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
             ["--steps", "3", "--tune-steps", "2", "--lr-grid", "0.01,0.03", "--seeds", "0,1"]
             + ["--eval-tasks", "5", "--algorithms", "maml,reptile"],
         ),
-        ("digits.py", ["--steps", "2", "--episodes", "5", "--algorithms", "fomaml"]),
+        (
+            "digits.py",
+            ["--steps", "2", "--tune-steps", "1", "--lr-grid", "0.1,0.3", "--seeds", "0,1"]
+            + ["--episodes", "5", "--algorithms", "fomaml"],
+        ),
         (
             "lm_memory.py",
             [
