@@ -105,6 +105,16 @@ mx::array target_indices(
   return mx::contiguous(mx::astype(targets, mx::int32, s), false, s);
 }
 
+mx::array cross_entropy_grad(
+    const mx::array& logits,
+    const mx::array& targets,
+    const mx::array& g,
+    mx::Stream s) {
+  auto gf = mx::astype(g, mx::float32, s);
+  return mx::array(
+      logits.shape(), logits.dtype(), std::make_shared<CrossEntropyGrad>(s), {logits, targets, gf});
+}
+
 mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s) {
   check_float(logits, "cross_entropy", "logits");
   if (logits.ndim() < 1 || logits.shape(-1) < 1) {
@@ -175,9 +185,7 @@ std::vector<mx::array> CrossEntropy::vjp(
       grads.push_back(mx::zeros_like(targets, s));
       continue;
     }
-    auto g = mx::astype(cotangents[0], mx::float32, s);
-    grads.push_back(mx::array(
-        logits.shape(), logits.dtype(), std::make_shared<CrossEntropyGrad>(s), {logits, targets, g}));
+    grads.push_back(cross_entropy_grad(logits, targets, cotangents[0], s));
   }
   return grads;
 }
@@ -295,8 +303,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> CrossEntropyGrad::vmap(
   auto logits = to_front(inputs[0], axes[0], V, s);
   auto targets = mx::contiguous(to_front(inputs[1], axes[1], V, s), false, s);
   auto g = to_front(inputs[2], axes[2], V, s);
-  return {{mx::array(logits.shape(), logits.dtype(), std::make_shared<CrossEntropyGrad>(s), {logits, targets, g})},
-          {0}};
+  return {{cross_entropy_grad(logits, targets, g, s)}, {0}};
 }
 
 } // namespace metapeft

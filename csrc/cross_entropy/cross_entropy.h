@@ -21,6 +21,15 @@ mx::array target_indices(
     const std::string& rows_name,
     mx::Stream s);
 
+// (softmax(logits) - onehot(targets)) * g, the gradient of <g, cross_entropy(logits,
+// targets)> with respect to the logits, fused (CrossEntropyGrad below); targets are
+// target_indices' dense int32 ones.
+mx::array cross_entropy_grad(
+    const mx::array& logits,
+    const mx::array& targets,
+    const mx::array& g,
+    mx::Stream s);
+
 class CrossEntropy : public mx::Primitive {
  public:
   explicit CrossEntropy(mx::Stream stream) : mx::Primitive(stream) {}

@@ -6,7 +6,6 @@
 #include "cross_entropy/cross_entropy.h"
 #include "linear/linear.h"
 #include "rows.h"
-#include "softmax/softmax.h"
 
 namespace metapeft {
 
@@ -48,26 +47,21 @@ void loss_and_grad_rows(
   }
 }
 
-// The MLX-ops forms of the two outputs, on metapeft's products: what the
-// derivatives other than row_grads' first-order use are taken from.
-mx::array stock_loss(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
-  return cross_entropy(linear(x, w, std::nullopt, s), t, s);
-}
-
-mx::array stock_row_grads(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
-  auto logits = mx::astype(linear(x, w, std::nullopt, s), mx::float32, s);
-  int V = logits.shape(-1);
-  auto onehot = mx::equal(mx::expand_dims(t, -1, s), mx::arange(V, mx::int32, s), s);
-  auto g = mx::subtract(softmax(logits, 1.0f, false, s), mx::astype(onehot, mx::float32, s), s);
-  return linear(g, mx::astype(mx::swapaxes(w, -1, -2, s), mx::float32, s), std::nullopt, s);
+// The two outputs {loss, row_grads} as metapeft's other ops compute them, from one
+// product of logits: what the derivatives other than row_grads' first-order one are
+// taken from, and the outputs for a weight with a leading task axis (T, V, d).
+std::vector<mx::array> composed(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
+  auto logits = linear(x, w, std::nullopt, s);
+  auto grad = cross_entropy_grad(logits, t, mx::ones(t.shape(), mx::float32, s), s);
+  auto wt = mx::astype(mx::swapaxes(w, -1, -2, s), mx::float32, s);
+  return {cross_entropy(logits, t, s), linear(mx::astype(grad, mx::float32, s), wt, std::nullopt, s)};
 }
 
 // The outputs {loss, row_grads} for any x, weight and targets; a weight with a
-// leading task axis (T, V, d), paired with x (T, ..., d) under vmap, takes the
-// MLX-ops form.
+// leading task axis, paired with x (T, ..., d) under vmap, takes the composed form.
 std::vector<mx::array> outputs_of(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
   if (w.ndim() == 3) {
-    return {stock_loss(x, w, t, s), stock_row_grads(x, w, t, s)};
+    return composed(x, w, t, s);
   }
   auto rows_shape = x.shape();
   rows_shape.pop_back();
@@ -173,7 +167,7 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
   std::vector<mx::array> through_row_grads;
   if (row_grads_used) {
     auto fn = [t, s](const std::vector<mx::array>& in) {
-      return std::vector<mx::array>{stock_row_grads(in[0], in[1], t, s)};
+      return std::vector<mx::array>{composed(in[0], in[1], t, s)[1]};
     };
     through_row_grads = mx::vjp(fn, {x, primals[1]}, {cotangents[1]}).second;
   }
@@ -189,7 +183,7 @@ std::vector<mx::array> LinearCrossEntropy::vjp(
       add(mx::multiply(mx::expand_dims(cotangents[0], -1, s), outputs[1], s));
     } else if (loss_used) {
       auto fn = [x, t, s](const std::vector<mx::array>& in) {
-        return std::vector<mx::array>{stock_loss(x, in[0], t, s)};
+        return std::vector<mx::array>{composed(x, in[0], t, s)[0]};
       };
       add(mx::vjp(fn, {primals[1]}, {cotangents[0]}).second[0]);
     }
@@ -208,9 +202,7 @@ std::vector<mx::array> LinearCrossEntropy::jvp(
     const std::vector<int>& argnums) {
   auto s = stream();
   auto t = primals[2];
-  auto fn = [t, s](const std::vector<mx::array>& in) {
-    return std::vector<mx::array>{stock_loss(in[0], in[1], t, s), stock_row_grads(in[0], in[1], t, s)};
-  };
+  auto fn = [t, s](const std::vector<mx::array>& in) { return composed(in[0], in[1], t, s); };
   std::vector<int> float_args;
   std::vector<mx::array> float_tangents;
   for (size_t i = 0; i < argnums.size(); ++i) {
