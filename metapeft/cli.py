@@ -231,7 +231,7 @@ def _export_adapters(folder: Path, params, cfg) -> None:
     from mlx.utils import tree_flatten
 
     from metapeft import __version__
-    from metapeft.lm import LoRASpec, read_adapters, save_adapters
+    from metapeft.lm import read_adapters, save_adapters
 
     lora = cfg.lm.lora if cfg.lm is not None else cfg.model.lora
     if lora is None:
@@ -242,8 +242,7 @@ def _export_adapters(folder: Path, params, cfg) -> None:
     if cfg.lm is not None and cfg.lm.base_adapters is not None:
         spec = read_adapters(cfg.lm.base_adapters)[1]
     else:
-        keys = tuple(lora.target_modules) if lora.target_modules else None
-        spec = LoRASpec(lora.rank, lora.alpha, lora.dropout, keys, lora.num_layers)
+        spec = lora.spec()
     save_adapters(folder, adapters, spec, {"metapeft_version": __version__})
 
 

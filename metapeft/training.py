@@ -102,19 +102,19 @@ def build_model(config: Any) -> nn.Module:
     return model
 
 
-def build_learner(config: Any, model: nn.Module) -> MetaLearner:
+def build_learner(config: Any, model: nn.Module, **settings: Any) -> MetaLearner:
     """The learner of ``config.training.algorithm`` with its usual outer optimizer
-    (bias-corrected Adam at ``outer_lr``; Reptile's own step at ``epsilon``)."""
+    (bias-corrected Adam at ``outer_lr``; Reptile's own step at ``epsilon``);
+    ``settings`` replace the constructor arguments the config gives."""
     t = config.training
     cls = get_algorithm(t.algorithm)
-    return cls.from_settings(
-        model,
-        getattr(t, cls.outer_lr_setting),
-        inner_lr=t.inner_lr,
-        inner_steps=t.inner_steps,
-        loss_fn=LOSSES[t.loss],
-        fast=config.model.blas_linear,
-    )
+    given = {
+        "inner_lr": t.inner_lr,
+        "inner_steps": t.inner_steps,
+        "loss_fn": LOSSES[t.loss],
+        "fast": config.model.blas_linear,
+    }
+    return cls.from_settings(model, getattr(t, cls.outer_lr_setting), **{**given, **settings})
 
 
 # Seed offsets of the validation and evaluation samplers: their tasks are other draws
@@ -169,23 +169,14 @@ def setup(config: Any) -> Setup:
         adapter.apply(model)
         lora = adapter.spec
     else:
-        lora = lm.LoRASpec(
-            spec.lora.rank,
-            spec.lora.alpha,
-            spec.lora.dropout,
-            spec.lora.target_modules,
-            spec.lora.num_layers,
-        )
+        lora = spec.lora.spec()
         lm.add_lora(model, lora)
     if spec.grad_checkpoint:
         lm.checkpoint_blocks(model)
     # MLX 0.32 has no vmap rule for quantized products nor for mx.checkpoint: those
     # models adapt their tasks one at a time.
     batched = not (spec.task_loop or spec.grad_checkpoint or is_quantized(model))
-    cls = get_algorithm(t.algorithm)
-    learner = lm.build_learner(
-        model, t.algorithm, t.inner_lr, t.inner_steps, getattr(t, cls.outer_lr_setting), batched
-    )
+    learner = build_learner(config, model, loss_fn=lm.lm_loss, fast=True, batched=batched)
     sizes = (spec.support_size, spec.query_size, spec.max_seq_length)
 
     def tasks(path: Path | None, offset: int) -> lm.TextTasks:
@@ -311,7 +302,7 @@ def _train(
     if run.lora is not None:
         from metapeft.lm.train import export_adapters
 
-        info = {**config.to_dict()["training"], "final": metrics}
+        info = {**resolved["training"], "final": metrics}
         export_adapters(paths.root, run.model, run.lora, config.lm.model, info)
     logger.info("done: %d steps, best validation query loss %.6g", learner.step, best)
     return {

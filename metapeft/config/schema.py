@@ -23,6 +23,7 @@ from metapeft.config import loading
 from metapeft.config.errors import ConfigError, field_error
 from metapeft.files import atomic_write_text
 from metapeft.learners.registry import get_algorithm
+from metapeft.nn.lora import LoRASpec
 from metapeft.tasks import TaskConfig, get_family, load_task_configs
 
 # ----------------------------------------------------------------------- field types
@@ -206,6 +207,11 @@ class LoRASection(_Section):
         if value == 0:
             raise ValueError("num_layers must be >= 1, or -1 for all of them")
         return value
+
+    def spec(self) -> LoRASpec:
+        """These settings as the :class:`~metapeft.nn.LoRASpec` the adapters take."""
+        keys = tuple(self.target_modules) if self.target_modules else None
+        return LoRASpec(self.rank, self.alpha, self.dropout, keys, self.num_layers)
 
 
 class LMSection(_Section):

@@ -10,6 +10,8 @@ result only when it is finite, and saves and loads.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +121,7 @@ class MetaLearner:
 
     def default_optimizer(self) -> optim.Optimizer | None:
         """The outer optimizer when none is given: bias-corrected Adam, as published MAML."""
-        return optim.Adam(1e-3, bias_correction=True)
+        return optim.Adam(self.default_outer_lr, bias_correction=True)
 
     @property
     def batched(self) -> bool:
@@ -219,13 +221,8 @@ class MetaLearner:
     def apply_optimizer(self, grads: Any, meta: Any, opt_state: Any) -> tuple[Any, Any]:
         """The outer optimizer's step as a pure function of its state: it works on a
         copy of ``opt_state``'s containers and leaves the optimizer's own state alone."""
-        opt = self.optimizer
-        committed = opt.state
-        opt.state = tree_map(lambda x: x, opt_state)
-        try:
+        with _working_state(self.optimizer, opt_state) as opt:
             return opt.apply_gradients(grads, meta), opt.state
-        finally:
-            opt.state = committed
 
     def optimizer_state(self, meta: Any) -> Any:
         """The outer optimizer's state initialised for the meta-parameters ``meta`` ({}
@@ -233,15 +230,11 @@ class MetaLearner:
         opt = self.optimizer
         if opt is None:
             return {}
-        committed = opt.state
-        if all(key in committed for key in meta):  # initialised for these meta-parameters
-            return committed
-        opt.state = tree_map(lambda x: x, committed)
-        try:
+        if all(key in opt.state for key in meta):  # initialised for these meta-parameters
+            return opt.state
+        with _working_state(opt, opt.state):
             opt.init(meta)
             return opt.state
-        finally:
-            opt.state = committed
 
     def meta_train_step(self, episodes: Any, loss_fn: LossFn | None = None) -> dict[str, float]:
         """One outer step on a meta-batch; returns ``support_loss``, ``query_loss``, ``param_diff``.
@@ -408,6 +401,18 @@ def _num_tasks(episodes: Any) -> int:
     if tasks < 1:
         raise ValueError("episodes hold no tasks (T=0)")
     return tasks
+
+
+@contextmanager
+def _working_state(opt: optim.Optimizer, state: Any) -> Iterator[optim.Optimizer]:
+    """``opt`` working on a copy of ``state``'s containers (MLX optimizers update their
+    state dicts in place); its own state is back when the block ends."""
+    committed = opt.state
+    opt.state = tree_map(lambda x: x, state)
+    try:
+        yield opt
+    finally:
+        opt.state = committed
 
 
 def _numpy(a: mx.array):
