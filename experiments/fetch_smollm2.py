@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -21,16 +20,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from metapeft.lm.gguf import models_dir
+
 NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("METAPEFT_MODELS", Path.home() / ".cache" / "metapeft"))
 
 
 def fetch() -> Path:
     """The cached GGUF file, downloaded first if it is not there."""
-    target = cache_dir() / NAME
+    target = models_dir() / NAME
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

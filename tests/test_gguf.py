@@ -5,7 +5,6 @@ becomes an mlx-lm model folder that computes the original model's logits."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from metapeft.cli import app  # noqa: E402
 from metapeft.lm import load_model  # noqa: E402
-from metapeft.lm.gguf import convert_gguf  # noqa: E402
+from metapeft.lm.gguf import convert_gguf, models_dir  # noqa: E402
 from metapeft.lm.random_model import random_config  # noqa: E402
 
 SIZES = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
@@ -266,9 +265,7 @@ def test_cli_converts_and_reports_errors(files, tmp_path):
     assert result.exit_code == 1 and "none.gguf" in result.output
 
 
-SMOLLM2 = Path(os.environ.get("METAPEFT_MODELS", Path.home() / ".cache" / "metapeft")) / (
-    "SmolLM2-135M-Instruct.Q4_1.gguf"
-)
+SMOLLM2 = models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.real_model
