@@ -27,8 +27,10 @@ from metapeft.lm import (  # noqa: E402
     lm_loss,
     load_model,
     save_adapters,
+    trainer_loss,
 )
 from metapeft.lm.random_model import ARCHITECTURES, save_random_model  # noqa: E402
+from metapeft.nn import use_fast_layers  # noqa: E402
 from metapeft.training import meta_train_lora  # noqa: E402
 
 SIZES = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -200,6 +202,31 @@ def test_checkpointed_blocks_give_the_same_gradients(models):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     for k, v in grads[0][1].items():
         np.testing.assert_allclose(np.array(grads[1][1][k]), np.array(v), atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_trainer_loss_equals_mlx_lm_default_loss(models, arch):
+    from mlx_lm.tuner.trainer import default_loss, iterate_batches
+
+    model, _, _ = load_model(models[arch])
+    model.freeze()
+    mx.random.seed(0)
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    model.update(tree_map(lambda p: p + 0.01, model.trainable_parameters()))
+    use_fast_layers(model)
+    examples = [([1, 5, 6, 7, 8, 2], 3), ([1, 9, 10, 2], 1), ([1, 11, 12, 13, 14, 15, 2], 5)]
+    batch = next(iterate_batches(examples, 3, 64))
+    results = []
+    for loss in (default_loss, trainer_loss):
+        (value, ntoks), g = nn.value_and_grad(model, loss)(model, *batch)
+        results.append((value.item(), ntoks.item(), dict(tree_flatten(g))))
+    (want, want_n, want_g), (got, got_n, got_g) = results
+    # mlx-lm counts the targets from each offset up to the length, inclusive
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got_n == want_n == sum(len(t) - o + 1 for t, o in examples)
+    assert want_g.keys() == got_g.keys()
+    for k, v in want_g.items():
+        np.testing.assert_allclose(np.array(got_g[k]), np.array(v), atol=1e-5, err_msg=k)
 
 
 def test_qlora_layer_matches_the_quantized_base_and_trains(models):

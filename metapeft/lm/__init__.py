@@ -3,7 +3,8 @@
 - :func:`load_model`, :class:`LoRASpec`, :func:`add_lora`: an mlx-lm model with
   adapters where mlx-lm puts them (``num_layers``, ``lora_parameters["keys"]``);
   :class:`QLoRALinear` over 4-bit bases.
-- :class:`TextTasks` and :func:`lm_loss`: tasks from JSONL, padded and masked.
+- :class:`TextTasks` and :func:`lm_loss`: tasks from JSONL, padded and masked;
+  :func:`trainer_loss`, mlx-lm's trainer loss on the same fused path.
 - :func:`build_learner`: any registered algorithm over those tasks;
   :func:`export_adapters` writes the result as ``adapters.safetensors`` +
   ``adapter_config.json`` (a run with an ``lm`` config section, or
@@ -23,7 +24,7 @@ Example:
 
 from metapeft.learners import ALGORITHMS
 from metapeft.lm.adapters import MetaLoRAAdapter, read_adapters, save_adapters
-from metapeft.lm.data import IGNORE, TextTasks, lm_loss, read_jsonl
+from metapeft.lm.data import IGNORE, TextTasks, lm_loss, read_jsonl, trainer_loss
 from metapeft.lm.memory import checkpoint_blocks
 from metapeft.lm.model import adapter_paths, add_lora, is_quantized, load_model
 from metapeft.lm.train import build_learner, export_adapters
@@ -47,4 +48,5 @@ __all__ = [
     "read_adapters",
     "read_jsonl",
     "save_adapters",
+    "trainer_loss",
 ]

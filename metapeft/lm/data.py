@@ -25,7 +25,15 @@ from metapeft.nn.fast import output_layer
 from metapeft.tasks import Episodes
 from metapeft.tasks.distribution import SeededSampler
 
-__all__ = ["IGNORE", "TextExample", "TextTasks", "lm_loss", "read_jsonl", "tokenize"]
+__all__ = [
+    "IGNORE",
+    "TextExample",
+    "TextTasks",
+    "lm_loss",
+    "read_jsonl",
+    "tokenize",
+    "trainer_loss",
+]
 
 IGNORE = -100  # target id that the loss skips
 
@@ -274,3 +282,15 @@ def lm_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
         ce = ops.linear_cross_entropy(body(x), weight, targets)
     ce = ce * mask
     return ce.sum() / mx.maximum(mask.sum(), 1)
+
+
+def trainer_loss(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    """mlx-lm's ``default_loss`` through :func:`lm_loss`: the same value and token count
+    from the same ``(batch, lengths)`` (``lengths[:, 0]`` where each completion starts,
+    ``lengths[:, 1]`` where it ends, as mlx-lm's ``iterate_batches`` gives them), without
+    holding the logits. For ``mlx_lm.tuner.train(..., loss=trainer_loss)``.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
+    return lm_loss(model, inputs, mx.where(mask, targets, IGNORE)), mask.sum()
