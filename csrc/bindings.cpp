@@ -9,6 +9,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "blas.h"
+#include "workers.h"
 #include "cross_entropy/cross_entropy.h"
 #include "linear_cross_entropy/linear_cross_entropy.h"
 #include "linear/linear.h"
@@ -276,6 +277,8 @@ NB_MODULE(_ext, m) {
   });
 
   m.def("swiglu", &metapeft::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none());
+
+  m.def("cpu_threads", &metapeft::cpu_threads);
 
   m.def(
       "rms_norm",

@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -14,6 +15,11 @@ namespace metapeft {
 
 int cpu_threads() {
   static const int n = []() {
+    // A cap set for this process (ranks that share a host each take a share);
+    // metapeft.distributed checks it is a positive integer before this loads.
+    if (const char* cap = std::getenv("METAPEFT_NUM_THREADS")) {
+      return std::max(1, std::atoi(cap));
+    }
 #ifdef __linux__
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) {

@@ -9,7 +9,7 @@
 
 namespace metapeft {
 
-// The CPUs this process may run on.
+// The CPUs this process may run on, or METAPEFT_NUM_THREADS when set.
 int cpu_threads();
 
 // Calls f(0), ..., f(chunks - 1) on the calling thread and on whichever

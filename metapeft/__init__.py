@@ -20,6 +20,12 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import mlx.core  # noqa: E402, F401  (loads libmlx before the extension)
 
+from metapeft import distributed  # noqa: E402
+
+# Ranks that mlx.launch starts on one host share its cores: each takes its part of the
+# extension's OpenBLAS threads, which are counted when the extension loads, below.
+distributed.share_cores()
+
 from metapeft import blas, learners, nn, ops, reference  # noqa: E402
 from metapeft.learners import MetaLearner  # noqa: E402
 from metapeft.tasks import Episodes, TaskConfig, TaskDistribution, load_task_configs  # noqa: E402

@@ -17,10 +17,11 @@ import typer
 
 from metapeft.bench.cli import app as bench_app
 from metapeft.console import fail
+from metapeft.distributed import DistributedError
 from metapeft.tracking import TrackingError
 
 # Errors that are the user's input or environment, not a bug: one line, exit 1.
-USER_ERRORS = (ValueError, OSError, TrackingError)
+USER_ERRORS = (ValueError, OSError, TrackingError, DistributedError)
 
 app = typer.Typer(
     name="metapeft",
@@ -46,6 +47,20 @@ def _load_config(config: Path | None, profile: str | None, overrides: dict):
     return MetaLearningConfig.from_yaml(config, profile=profile, overrides=overrides)
 
 
+def _world(rank_timeout: float | None = None):
+    """The ranks of this run (one process without ``mlx.launch``): they connect here."""
+    from metapeft import distributed
+    from metapeft.config.schema import TrainingSection
+
+    timeout = TrainingSection().rank_timeout if rank_timeout is None else rank_timeout
+    return distributed.world(timeout)
+
+
+def _fail_on(world, error: BaseException) -> typer.Exit:
+    """:func:`fail` with the error signed by its rank when there are several."""
+    return fail(f"{world.name}: {error}" if world.size > 1 else error)
+
+
 @app.command()
 def info() -> None:
     """Version, backend, BLAS and chip, and whether the compiled extension loads."""
@@ -54,9 +69,17 @@ def info() -> None:
 
     from metapeft import machine, shared
 
+    try:
+        world = _world()
+    except USER_ERRORS as e:
+        raise fail(e) from None
+    if world.rank != 0:  # one table for the run, from rank 0
+        return
     table = Table(show_header=False, box=None)
     for key, value in machine.info().items():
         table.add_row(key, str(value))
+    ranks = f"{world.size} ranks, {world.backend} backend" if world.size > 1 else "1 process"
+    table.add_row("world", ranks)
     for name in shared.TOOLKIT:
         table.add_row(name, f"from {shared.source(name)}")
     try:
@@ -94,11 +117,17 @@ def train(
     seed: Annotated[
         int | None, typer.Option(help="Seed of the model and the task sampler.")
     ] = None,
+    meta_batch_size: Annotated[
+        int | None, typer.Option(help="Tasks per meta-step (divisible by the ranks).")
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from OUTPUT_DIR/checkpoints/last.")
     ] = False,
 ) -> None:
-    """Meta-train as the config says (the packaged sinusoid MAML config by default)."""
+    """Meta-train as the config says (the packaged sinusoid MAML config by default).
+
+    Under mlx.launch -n N, on N ranks: each adapts its share of every meta-batch, and
+    rank 0 alone writes the outputs."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -117,19 +146,22 @@ def train(
             "checkpoint_every": checkpoint_every,
             "eval_every": eval_every,
             "seed": seed,
+            "meta_batch_size": meta_batch_size,
         },
         "output": {"output_dir": output_dir},
     }
     try:
         cfg = _load_config(config, profile, overrides)
+        world = _world(cfg.training.rank_timeout)
     except USER_ERRORS as e:
         raise fail(e) from None
-    console = Console()
+    console = Console(quiet=world.rank != 0)  # rank 0 reports for all
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
     t = cfg.training
     tasks = cfg.task.family if cfg.lm is None else f"{cfg.lm.tasks_file.name} ({cfg.lm.model.name})"
     console.print(
         f"[bold]{t.algorithm}[/] on [bold]{tasks}[/]: {t.num_iterations} meta-steps of "
-        f"{t.meta_batch_size} tasks -> {cfg.output.output_dir}"
+        f"{t.meta_batch_size} tasks{ranks} -> {cfg.output.output_dir}"
     )
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -157,7 +189,7 @@ def train(
             raise typer.Exit(code=130) from None
         except (*USER_ERRORS, FloatingPointError) as e:
             progress.stop()
-            raise fail(e) from None
+            raise _fail_on(world, e) from None
     table = Table(title="summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -468,11 +500,16 @@ def meta_train_lora(
     ] = False,
     task_loop: Annotated[bool, typer.Option(help="Adapt tasks one at a time.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the init and sampler.")] = None,
+    rank_timeout: Annotated[
+        float | None,
+        typer.Option(help="Under mlx.launch: seconds a rank waits for the others (30)."),
+    ] = None,
 ) -> None:
     """Meta-learn a LoRA initialisation for an mlx-lm model; write it as mlx-lm adapters.
 
     A front-end to 'metapeft train' with an lm config section: OUTPUT_DIR is also the
-    run folder (config.yaml, metrics.jsonl, checkpoints/)."""
+    run folder (config.yaml, metrics.jsonl, checkpoints/). Under mlx.launch -n N, on N
+    ranks, as 'metapeft train'."""
     from rich.console import Console
 
     from metapeft import training
@@ -494,8 +531,13 @@ def meta_train_lora(
         "outer_lr": outer_lr,
         "max_seq_length": max_seq_length,
         "seed": seed,
+        "rank_timeout": rank_timeout,
     }
-    console = Console()
+    try:
+        world = _world(rank_timeout)
+    except USER_ERRORS as e:
+        raise fail(e) from None
+    console = Console(quiet=world.rank != 0)  # rank 0 reports for all
 
     def on_step(step: int, m: dict[str, float]) -> None:
         console.print(
@@ -515,7 +557,7 @@ def meta_train_lora(
             **{k: v for k, v in options.items() if v is not None},
         )
     except (*USER_ERRORS, FloatingPointError) as e:
-        raise fail(e) from None
+        raise _fail_on(world, e) from None
     console.print(
         f"{summary['steps']} meta-steps in {summary['seconds']:.1f} s; adapters in "
         f"{summary['output_dir']} (mlx_lm.load(model, adapter_path=...); "

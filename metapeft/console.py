@@ -12,10 +12,11 @@ def fail(message: str | BaseException) -> typer.Exit:
         >>> raise fail("no such checkpoint")  # doctest: +SKIP
     """
     from rich.console import Console
+    from rich.text import Text
 
     if isinstance(message, KeyError):  # str() of a KeyError is its repr
         message = str(message.args[0])
-    console = Console(stderr=True)
-    console.print("[bold red]error:[/] ", end="")
-    console.print(str(message), highlight=False, markup=False, soft_wrap=True)
+    # One write: the lines of several ranks (mlx.launch) interleave by writes.
+    line = Text.assemble(("error:", "bold red"), " ", str(message))
+    Console(stderr=True).print(line, highlight=False, soft_wrap=True)
     return typer.Exit(code=1)

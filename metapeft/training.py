@@ -7,7 +7,8 @@ checkpoints (``checkpoints/last.safetensors`` every ``checkpoint_every`` steps a
 ``checkpoints/best.safetensors`` by validation query loss, with its meta-parameters
 also as ``checkpoints/best.npz``) and the resolved config (``config.yaml``) into the
 output folder, and can resume from ``last`` to the same parameters an uninterrupted
-run reaches.
+run reaches. Started by ``mlx.launch -n N``, it meta-trains on ``N`` ranks
+(:mod:`metapeft.distributed`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from metapeft import checkpoint, machine, tracking
+from metapeft import checkpoint, distributed, machine, tracking
 from metapeft.learners import MetaLearner, get_algorithm
 from metapeft.nn import apply_lora, use_blas_linear
 from metapeft.tasks import TaskDistribution
@@ -204,8 +205,42 @@ def train(
     ``on_step(step, metrics)`` is called after every meta-step (the CLI's progress
     bar). A ``KeyboardInterrupt`` saves ``last`` before it propagates, so that
     ``resume=True`` carries on from there.
+
+    Started on several ranks (``mlx.launch -n N``), every rank runs this with the same
+    config: each draws the whole meta-batch and adapts its ``T / N`` tasks, and
+    evaluates its share of the validation tasks; rank 0 alone writes the run folder
+    (config, log, metrics, checkpoints) and the tracking; every rank resumes from the
+    same ``last``, and all stop at the same step on Ctrl-C. A rank that fails or hangs
+    stops the others within ``training.rank_timeout`` seconds, naming it.
+
+    Raises:
+        ValueError: On every rank, if ``meta_batch_size`` is not divisible by the number
+            of ranks, or the ranks were started with different configs or checkpoints.
+        metapeft.distributed.DistributedError: If a rank was lost.
     """
+    world = distributed.world(config.training.rank_timeout)
+    with world.reporting_termination():
+        try:
+            return _run(config, resume, on_step, world)
+        except StopRequested:
+            # Rank 0 has saved `last` and closed the run; the ranks leave together, as
+            # mlx.launch stops the others once one has exited.
+            world.any(True, "leaving together after Ctrl-C")
+            raise
+
+
+def _run(config: Any, resume: bool, on_step: Any, world: distributed.World) -> dict[str, Any]:
+    """:func:`train` on one rank: rank 0 with the run folder, log and tracker."""
     paths = RunPaths(Path(config.output.output_dir))
+    if world.size > 1:
+        _agree(world, config, paths, resume)
+    if world.rank != 0:  # the run folder, its log and the tracking are rank 0's
+        silent = logging.NullHandler()
+        logger.addHandler(silent)
+        try:
+            return _train(config, paths, resume, on_step, tracking.Tracker(), world)
+        finally:
+            logger.removeHandler(silent)
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
         config.to_yaml(paths.config)
@@ -215,7 +250,7 @@ def train(
     handler = _log_to(paths.root)
     status: tracking.Status = "FAILED"
     try:
-        summary = _train(config, paths, resume, on_step, tracker)
+        summary = _train(config, paths, resume, on_step, tracker, world)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -228,14 +263,37 @@ def train(
         tracker.finish(status)
 
 
+def _agree(world: distributed.World, config: Any, paths: RunPaths, resume: bool) -> None:
+    """Checks, alike on every rank, that the ranks can run together: the meta-batch
+    splits over them, and they were started with the same config (its output and
+    tracking, rank 0's alone, aside) and resume from the same checkpoint."""
+    distributed.check_divisible(config.training.meta_batch_size, world.size)
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("output", "tracking")}
+    start = "a fresh start (no --resume)"
+    if resume:
+        try:
+            start = f"checkpoint step {checkpoint.read_metadata(paths.last)['step']}"
+        except (OSError, ValueError) as e:
+            start = str(e)
+    world.agree({"config": json.dumps(settings, sort_keys=True), "starting point": start})
+
+
 def _train(
-    config: Any, paths: RunPaths, resume: bool, on_step: Any, tracker: tracking.Tracker
+    config: Any,
+    paths: RunPaths,
+    resume: bool,
+    on_step: Any,
+    tracker: tracking.Tracker,
+    world: distributed.World,
 ) -> dict[str, Any]:
     """The run itself; :func:`train` wraps it in the run's log file and tracker."""
     logger.info("machine: %s", json.dumps(machine.info()))
     logger.info("config: %s", json.dumps(config.to_dict(), default=str))
+    if world.size > 1:
+        logger.info("world: %d ranks (%s)", world.size, world.backend)
     run = setup(config)
     learner, metric_fn, train_tasks = run.learner, run.metric_fn, run.train_tasks
+    learner.group = world.group
     held_out = run.val_tasks.sample(config.training.eval_tasks)
     best = float("inf")
     if resume:
@@ -252,6 +310,8 @@ def _train(
     rng_state = train_tasks.rng_state()
 
     def save(path: Path) -> None:
+        if world.rank != 0:
+            return
         # The resolved config makes the checkpoint self-contained (evaluate, export).
         extra = {"task_rng": rng_state, "best_val_query_loss": best, "config": resolved}
         learner.save(path, extra)
@@ -267,7 +327,8 @@ def _train(
         while learner.step < steps:
             episodes = train_tasks.sample(config.training.meta_batch_size)
             start = time.perf_counter()
-            metrics = learner.meta_train_step(episodes)
+            with world.deadline(f"meta-step {learner.step + 1}"):
+                metrics = learner.meta_train_step(episodes)
             metrics["seconds"] = time.perf_counter() - start
             spent += metrics["seconds"]
             done += 1
@@ -277,29 +338,35 @@ def _train(
             # MLX's peak so far: the counter is the user's, never reset here.
             metrics["peak_memory_mb"] = mx.get_peak_memory() / 2**20
             if step % config.training.eval_every == 0 or step == steps:
-                result = learner.evaluate(held_out, config.training.eval_steps, metric_fn=metric_fn)
+                with world.deadline(f"the validation after meta-step {step}"):
+                    result = learner.evaluate(
+                        held_out, config.training.eval_steps, metric_fn=metric_fn
+                    )
                 metrics["val_query_loss"] = result["query_loss"]
                 if metric_fn is not None:
                     metrics["val_accuracy"] = float(result["query_metrics"].mean())
                 if result["query_loss"] < best:
                     best = result["query_loss"]
                     save(paths.best)
+            # The metrics before `last`: a run stopped between the two resumes from an
+            # earlier `last`, and the resume drops the lines after it.
+            tracker.log_metrics(step, metrics)
             if step % config.training.checkpoint_every == 0 or step == steps:
                 save(paths.last)
-            tracker.log_metrics(step, metrics)
             if "val_query_loss" in metrics:
                 logger.info("step %d: %s", step, json.dumps(metrics))
             if on_step is not None:
                 on_step(step, metrics)
-            if interrupt.requested:
-                raise KeyboardInterrupt
+            # Every rank stops after the same meta-step.
+            if world.any(interrupt.requested, f"the stop check after meta-step {step}"):
+                raise StopRequested
     except KeyboardInterrupt:
         save(paths.last)
         logger.warning("interrupted at step %d; saved %s", learner.step, paths.last)
         raise
     finally:
         interrupt.uninstall()
-    if run.lora is not None:
+    if run.lora is not None and world.rank == 0:
         from metapeft.lm.train import export_adapters
 
         info = {**resolved["training"], "final": metrics}
@@ -338,6 +405,7 @@ def meta_train_lora(
     grad_checkpoint: bool = False,
     task_loop: bool = False,
     seed: int = 0,
+    rank_timeout: float | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-learns a LoRA initialisation of an mlx-lm model over the tasks of a JSONL
@@ -374,6 +442,8 @@ def meta_train_lora(
         task_loop: Adapt tasks one at a time instead of all at once (less memory;
             always the case on a quantized model).
         seed: Seeds the adapter initialisation and the task sampler.
+        rank_timeout: On several ranks (``mlx.launch``), the seconds a rank waits for
+            the others, through each meta-step included (default: the config's, 30).
         on_step: Called as ``on_step(step, metrics)`` after every meta-step; the
             metrics include the step's wall time, ``seconds``.
 
@@ -419,7 +489,8 @@ def meta_train_lora(
                 "eval_steps": inner_steps,
             },
             "output": {"output_dir": str(output_dir)},
-        }
+        },
+        overrides={"training": {"rank_timeout": rank_timeout}},  # None: the default
     )
     seconds = 0.0
 
@@ -430,6 +501,10 @@ def meta_train_lora(
             on_step(step, metrics)
 
     return {**train(config, on_step=step_done), "seconds": seconds}
+
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C, taken at a step boundary (on every rank after the same meta-step)."""
 
 
 class StepBoundaryInterrupt:

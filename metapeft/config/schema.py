@@ -294,6 +294,10 @@ class TrainingSection(_Section):
         eval_tasks: Held-out tasks per evaluation.
         eval_steps: Inner SGD steps to adapt each held-out task (0: no adaptation).
         loss: ``"mse"`` for regression, ``"cross_entropy"`` for classification.
+        rank_timeout: On several ranks (``mlx.launch``), the seconds a rank waits for
+            the others (to connect, and through each meta-step and evaluation, its own
+            computation included) before it stops, naming the rank it lost. Make it
+            longer than the slowest meta-step. Unused by a single process.
     """
 
     algorithm: str = "maml"
@@ -309,6 +313,7 @@ class TrainingSection(_Section):
     eval_tasks: _PosInt = 100
     eval_steps: _NonNegInt = 10
     loss: Literal["mse", "cross_entropy"] = "mse"
+    rank_timeout: _PosFloat = 30.0
 
     @field_validator("algorithm")
     @classmethod

@@ -1,10 +1,13 @@
 """MetaLearner: what every algorithm shares (state, the outer step, adapt, evaluate, save).
 
-An algorithm is a pure function, :meth:`MetaLearner.outer_step`, from the
-meta-parameters, the outer optimizer's state and a meta-batch to the new
-meta-parameters, the new state and the step's metrics. The class around it applies
-it (compiled, with the optimizer state passed in and out explicitly), commits the
-result only when it is finite, and saves and loads.
+An algorithm is a pure function, :meth:`MetaLearner.meta_update`, from the
+meta-parameters and a meta-batch to its update (the meta-gradient; Reptile's adapted
+parameters) and the step's metrics, and :meth:`MetaLearner.apply_update`, which
+applies it. :meth:`MetaLearner.outer_step` puts the two together, with the update
+and metrics averaged across the ranks in between when the learner has a
+:attr:`~MetaLearner.group`. The class around it applies it (compiled, with the
+optimizer state passed in and out explicitly), commits the result only when it is
+finite, and saves and loads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from metapeft import checkpoint
+from metapeft import checkpoint, distributed
 from metapeft.learners import inner
 from metapeft.learners.core import (
     LossFn,
@@ -112,6 +115,7 @@ class MetaLearner:
         self.step = 0
         self._use_compile = compile
         self._compiled: tuple[LossFn, Any] | None = None
+        self._group: mx.distributed.Group | None = None
 
     @classmethod
     def from_settings(cls, model: nn.Module, outer_lr: float, **kwargs: Any) -> MetaLearner:
@@ -131,6 +135,24 @@ class MetaLearner:
     @batched.setter
     def batched(self, value: bool) -> None:
         self.tasks = ALL_AT_ONCE if value else ONE_AT_A_TIME
+        self._compiled = None
+
+    @property
+    def group(self) -> mx.distributed.Group | None:
+        """The ranks this learner meta-trains with (an ``mx.distributed`` group, e.g.
+        ``mx.distributed.init()``), or None: this process alone (the default).
+
+        With a group of several ranks, every rank gives :meth:`meta_train_step` and
+        :meth:`evaluate` the whole meta-batch and adapts its share of the tasks
+        (:func:`metapeft.distributed.shard`); the update and the metrics are averaged
+        across the ranks inside the meta-step, so all commit the same meta-parameters.
+        A group of one is None.
+        """
+        return self._group
+
+    @group.setter
+    def group(self, group: mx.distributed.Group | None) -> None:
+        self._group = group if group is not None and group.size() > 1 else None
         self._compiled = None
 
     # ------------------------------------------------------------ meta-parameters
@@ -207,16 +229,34 @@ class MetaLearner:
     def outer_step(
         self, meta: dict, opt_state: Any, data: tuple, loss_fn: LossFn
     ) -> tuple[dict, Any, dict[str, mx.array]]:
-        """The algorithm, a pure function: ``(meta-parameters, optimizer state,
-        meta-batch) -> (new meta-parameters, new state, metrics)``, lazily.
-        Gradient-based by default: the mean query loss after adaptation is the
-        meta-objective."""
+        """One meta-step as a pure function: ``(meta-parameters, optimizer state,
+        this rank's tasks) -> (new meta-parameters, new state, metrics)``, lazily:
+        :meth:`meta_update`, averaged across the :attr:`group`'s ranks (the update
+        and the metrics together, :func:`metapeft.distributed.average`), then
+        :meth:`apply_update`."""
+        update, metrics = self.meta_update(meta, data, loss_fn)
+        if self._group is not None:
+            update, metrics = distributed.average((update, metrics), self._group)
+        new_meta, new_state = self.apply_update(update, meta, opt_state)
+        return new_meta, new_state, metrics
+
+    def meta_update(
+        self, meta: dict, data: tuple, loss_fn: LossFn
+    ) -> tuple[Any, dict[str, mx.array]]:
+        """The algorithm, a pure function: ``(meta-parameters, tasks) -> (update,
+        metrics)``, where the update is a mean over the tasks (so that averaging it
+        across ranks gives the mean over all their tasks) and the metrics are the mean
+        ``support_loss``, ``query_loss`` and ``param_diff``. Gradient-based by
+        default: the update is the gradient of the mean query loss after adaptation."""
         (query, support, diff), grads = self.tasks.value_and_grad(
             lambda m, *task: self.task_objective(m, *task, loss_fn), meta, data
         )
-        new_meta, new_state = self.apply_optimizer(grads, meta, opt_state)
-        metrics = {"support_loss": support, "query_loss": query, "param_diff": diff}
-        return new_meta, new_state, metrics
+        return grads, {"support_loss": support, "query_loss": query, "param_diff": diff}
+
+    def apply_update(self, update: Any, meta: dict, opt_state: Any) -> tuple[dict, Any]:
+        """``(new meta-parameters, new optimizer state)`` from the update of
+        :meth:`meta_update`: by default the outer optimizer's step on it."""
+        return self.apply_optimizer(update, meta, opt_state)
 
     def apply_optimizer(self, grads: Any, meta: Any, opt_state: Any) -> tuple[Any, Any]:
         """The outer optimizer's step as a pure function of its state: it works on a
@@ -243,9 +283,13 @@ class MetaLearner:
         the mean query loss after it, ``param_diff`` the mean distance the inner
         loop moved the parameters. A non-finite loss or update raises
         ``FloatingPointError`` and leaves the meta-parameters and the optimizer
-        state as they were.
+        state as they were. With a :attr:`group`, ``episodes`` is the whole
+        meta-batch, its ``T`` tasks divisible by the number of ranks (else
+        ``ValueError``), and the metrics are means over all of them.
         """
         _num_tasks(episodes)
+        if self._group is not None:
+            episodes = distributed.shard(episodes, self._group)
         loss_fn = self._loss(loss_fn)
         self.loss_fn = loss_fn
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
@@ -322,8 +366,10 @@ class MetaLearner:
         Returns the means ``query_loss`` and ``support_loss`` (floats), and the
         per-task ``query_losses`` (and ``query_metrics`` when ``metric_fn(model,
         x, y)`` is given, e.g. accuracy) as numpy arrays, for confidence intervals.
+        With a :attr:`group`, each rank adapts its share of the tasks (any number of
+        them) and every rank returns the results of all.
         """
-        _num_tasks(episodes)
+        num_tasks = _num_tasks(episodes)
         loss_fn = self._loss(loss_fn)
         meta = stop_gradient(self.meta_parameters())
         metric = make_task_loss(self.model, metric_fn) if metric_fn else None
@@ -337,7 +383,16 @@ class MetaLearner:
             return query_loss, support_loss, metric(adapted, qx, qy)
 
         data = (episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y)
-        results = self.tasks.stack(one, meta, data)
+        if self._group is None:
+            results = self.tasks.stack(one, meta, data)
+        else:
+            start, stop = distributed.task_range(num_tasks, self._group)
+            width = 2 if metric is None else 3
+            mine = mx.zeros((0, width))
+            if stop > start:  # fewer tasks than ranks leave some ranks none
+                mine = mx.stack(self.tasks.stack(one, meta, tuple(a[start:stop] for a in data)), 1)
+            everyone = distributed.gather_tasks(mine, num_tasks, self._group)
+            results = tuple(everyone[:, i] for i in range(width))
         mx.eval(results)
         out = {
             "query_loss": results[0].mean().item(),

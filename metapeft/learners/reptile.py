@@ -72,17 +72,28 @@ class Reptile(MetaLearner):
         """Reptile's own outer step (``ops.reptile_update``) needs no optimizer."""
         return None
 
-    def outer_step(
-        self, meta: dict, opt_state: Any, data: tuple, loss_fn: LossFn
-    ) -> tuple[dict, Any, dict[str, mx.array]]:
+    def meta_update(
+        self, meta: dict, data: tuple, loss_fn: LossFn
+    ) -> tuple[Any, dict[str, mx.array]]:
+        """The tasks' adapted parameters, stacked on a task axis (with a :attr:`group`,
+        their mean, on an axis of one: one copy of the parameters crosses between the
+        ranks); with an outer optimizer, its gradient ``params - mean(adapted)``."""
         params = stop_gradient(meta["params"])
         adapted, query, support = self.tasks.stack(
             lambda m, *task: self.adapt_task(m, *task, loss_fn), {"params": params}, data
         )
         diff = mx.vmap(tree_distance, in_axes=(0, None))(adapted, params).mean()
         metrics = {"support_loss": support.mean(), "query_loss": query.mean(), "param_diff": diff}
+        if self.optimizer is not None:
+            return {"params": tree_map(lambda p, a: p - a.mean(axis=0), params, adapted)}, metrics
+        if self.group is not None:
+            adapted = tree_map(lambda a: a.mean(axis=0, keepdims=True), adapted)
+        return adapted, metrics
+
+    def apply_update(self, update: Any, meta: dict, opt_state: Any) -> tuple[dict, Any]:
+        """Without an optimizer, the fused ``params + epsilon * (mean(adapted) - params)``;
+        with one, its step."""
         if self.optimizer is None:
-            return {"params": ops.reptile_update(params, adapted, self.epsilon)}, opt_state, metrics
-        grads = tree_map(lambda p, a: p - a.mean(axis=0), params, adapted)
-        new_meta, new_state = self.apply_optimizer({"params": grads}, meta, opt_state)
-        return new_meta, new_state, metrics
+            params = stop_gradient(meta["params"])
+            return {"params": ops.reptile_update(params, update, self.epsilon)}, opt_state
+        return self.apply_optimizer(update, meta, opt_state)
