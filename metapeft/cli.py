@@ -208,12 +208,19 @@ def evaluate(
         int | None, typer.Option(help="Adaptation steps; default from the config.")
     ] = None,
     tasks: Annotated[int, typer.Option(help="Held-out tasks to adapt to.")] = 600,
+    metrics_out: Annotated[
+        Path | None,
+        typer.Option(help="Also write the results as JSON here (e.g. a DVC metrics file)."),
+    ] = None,
 ) -> None:
     """Adapt a trained checkpoint to held-out tasks; print the query loss with a 95% CI."""
+    import json
+
     import numpy as np
     from rich.console import Console
 
     from metapeft import training
+    from metapeft.files import atomic_write_text
 
     try:
         cfg = _run_config(checkpoint)
@@ -224,6 +231,7 @@ def evaluate(
     steps = cfg.training.eval_steps if steps is None else steps
     result = run.learner.evaluate(run.eval_tasks.sample(tasks), steps, metric_fn=run.metric_fn)
     console = Console()
+    summary: dict[str, float | int] = {"steps": steps, "tasks": tasks}
     for name, values in [
         ("query loss", result["query_losses"]),
         ("accuracy", result.get("query_metrics")),
@@ -233,6 +241,11 @@ def evaluate(
             console.print(
                 f"{name} after {steps} steps on {tasks} tasks: {values.mean():.4f} ± {half:.4f}"
             )
+            key = name.replace(" ", "_")
+            summary |= {key: float(values.mean()), f"{key}_ci95": float(half)}
+    if metrics_out is not None:
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics_out, json.dumps(summary, indent=2) + "\n")
 
 
 app.add_typer(bench_app, name="bench")
