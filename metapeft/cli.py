@@ -579,6 +579,18 @@ def meta_train_lora(
     )
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve a model and many LoRA adapters over an OpenAI-compatible API, concurrent
+    requests in one batch (options: metapeft serve --help)."""
+    from metapeft.serve.cli import main as serve_main
+
+    raise typer.Exit(serve_main(ctx.args))
+
+
 @app.command("convert-gguf")
 def convert_gguf(
     gguf: Annotated[Path, typer.Argument(help="The .gguf file (llama.cpp's format).")],

@@ -11,7 +11,10 @@ Four parts, all timed by one :class:`~metapeft.bench.runner.BenchmarkRunner`:
   blocks), fused against the naive loop on mlx-lm's own LoRA layers;
 - pretrained-model shapes (:mod:`~metapeft.bench.real_model`, SmolLM2-135M): a LoRA
   forward+backward against PyTorch (transformers + peft) and stock mlx-lm, and a FOMAML
-  meta-step against PyTorch's loop over tasks, timed in turns;
+  meta-step against PyTorch's loop over tasks, timed in turns; and, with the ``serve``
+  extra installed, ``metapeft serve``'s decoding of 8 streams on 8 adapters in one batch
+  against 8 on one adapter and the 8 served adapter by adapter
+  (:mod:`~metapeft.bench.serving`);
 - capacity: peak memory of a MAML step of a d=4096 LoRA model against ``T``, from
   which the report extrapolates the largest ``T`` that fits in memory.
 
@@ -22,6 +25,7 @@ only in one numeric parameter form a sweep (see :mod:`metapeft.bench.report`).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from metapeft.bench import peers, problems, real_model
+from metapeft.bench import peers, problems, real_model, serving
 from metapeft.bench.runner import BenchmarkRunner
 
 
@@ -254,6 +258,15 @@ def cases(sizes: Sizes) -> Iterator[Case]:
             repeat=s.slow_repeat,
             interleave=True,
         )
+    if importlib.util.find_spec("prometheus_client") is not None:  # the serve extra
+        for impl in serving.IMPLS:
+            yield Case(
+                f"{shape} serve 8 streams x 32 tokens fp32",
+                {"impl": impl},
+                lambda impl=impl: serving.decode(shape, impl, streams=8, tokens=32),
+                repeat=s.slow_repeat,
+                interleave=True,
+            )
 
     for tasks in s.sinusoid_tasks:
         yield _meta_case("sinusoid", "maml", "fused", s, tasks=tasks, inner_steps=1)
