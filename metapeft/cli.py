@@ -213,13 +213,14 @@ def evaluate(
         typer.Option(help="Also write the results as JSON here (e.g. a DVC metrics file)."),
     ] = None,
 ) -> None:
-    """Adapt a trained checkpoint to held-out tasks; print the query loss with a 95% CI."""
+    """Adapt a trained checkpoint to held-out tasks; print the query loss with a 95% CI.
+    Under ``mlx.launch`` the ranks split the tasks, and rank 0 alone prints and writes."""
     import json
 
     import numpy as np
     from rich.console import Console
 
-    from metapeft import training
+    from metapeft import distributed, training
     from metapeft.files import atomic_write_text
 
     try:
@@ -229,7 +230,16 @@ def evaluate(
     except USER_ERRORS as e:
         raise fail(e) from None
     steps = cfg.training.eval_steps if steps is None else steps
-    result = run.learner.evaluate(run.eval_tasks.sample(tasks), steps, metric_fn=run.metric_fn)
+    world = distributed.world(cfg.training.rank_timeout)
+    run.learner.group = world.group
+    episodes = run.eval_tasks.sample(tasks)
+    try:
+        with world.reporting_termination(), world.deadline("the evaluation"):
+            result = run.learner.evaluate(episodes, steps, metric_fn=run.metric_fn)
+    except DistributedError as e:
+        raise _fail_on(world, e) from None
+    if world.rank != 0:
+        return
     console = Console()
     summary: dict[str, float | int] = {"steps": steps, "tasks": tasks}
     for name, values in [

@@ -439,3 +439,18 @@ def test_a_bad_thread_cap_is_named_at_import(cap):
     )
     assert result.returncode != 0
     assert f"METAPEFT_NUM_THREADS must be a positive integer, got {cap!r}" in result.stderr
+
+
+@launched
+def test_evaluate_on_two_ranks_splits_the_tasks_and_matches_one_process(tmp_path):
+    run("train", *SINUSOID, "--num-iterations", "4", "--output-dir", tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best.safetensors"
+    args = ["evaluate", best, "--tasks", "31", "--steps", "3"]
+    run(*args, "--metrics-out", tmp_path / "one.json")
+    launched = launch(2, *args, "--metrics-out", tmp_path / "two.json", timeout=120)
+    assert launched.exit_codes() == {}, launched.stderr
+    assert launched.stdout.count("query loss after 3 steps on 31 tasks") == 1  # rank 0 alone
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
