@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=models_dir() / "smollm2-135m")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-model-len", type=int, help="for models whose config gives none")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
@@ -120,6 +121,8 @@ def main() -> None:
         folders = save_adapters(args.model, Path(tmp))
         options = ["--model", str(args.model), "--max-batch-size", str(STREAMS)]
         options += ["--lora-modules", *(f"a{i}={f}" for i, f in enumerate(folders))]
+        if args.max_model_len:
+            options += ["--max-model-len", str(args.max_model_len)]
         with ServerProcess(options, Path(tmp) / "server.log", startup_timeout=300) as server:
             asyncio.run(round_of(server.url, "mixed adapters", 4))  # warm-up
             for mode in modes:

@@ -144,3 +144,47 @@ def test_bench_quick_pairs_flags_only_what_is_slower_beyond_the_spread(tmp_path)
     text = out.with_suffix(".md").read_text()
     assert "2 operations; slower after by more than the spread within a side: 1" in text
     assert "- a (impl=fused): 0.67x" in text and "torch" not in text
+
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not LAUNCH.exists(), reason="no mlx.launch beside python")
+def test_ring_allreduce_and_distributed_scaling_write_their_tables(tmp_path):
+    ring = tmp_path / "ring"
+    subprocess.run(
+        [str(LAUNCH), "-n", "2", "--backend", "ring", "--", sys.executable,
+         str(EXPERIMENTS / "ring_allreduce.py"), "--repeats", "2", "--out", str(ring)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    fit = json.loads(ring.with_suffix(".json").read_text())["fit"]
+    assert fit["bandwidth_GB_per_s"] > 0
+    out = tmp_path / "scaling"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "distributed_scaling.py"), "--problems", "sinusoid",
+         "--warmup", "1", "--repeats", "1", "--ring", str(ring.with_suffix(".json")),
+         "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["problem"] == "sinusoid" and set(row["measured"]) == {"1", "2", "3"}
+    assert row["allreduce_bytes"] == 4 * (40 + 40 + 40 * 40 + 40 + 40 + 1)
+    assert "loopback ring (measured here), 8 hosts" in row["projected"]
+
+
+@pytest.mark.integration
+def test_serve_throughput_measures_the_three_modes(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_helpers import save_model
+
+    model = save_model(tmp_path / "model")
+    out = tmp_path / "serve"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "serve_throughput.py"), "--model", str(model),
+         "--tokens", "4", "--rounds", "1", "--max-model-len", "256", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["mixed adapters", "one adapter", "adapter by adapter"]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_p99_s"] >= r["ttft_p50_s"] for r in rows)
