@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -80,8 +81,9 @@ class Units:
         self.done[record["key"]] = record
 
 
+@functools.cache
 def split_tasks(path: Path) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Task name -> (support, query) records."""
+    """Task name -> (support, query) records (each file read once)."""
     return {
         name: ([r for _, r in rows[:SUPPORT]], [r for _, r in rows[SUPPORT:]])
         for name, rows in read_jsonl(path).items()
