@@ -570,7 +570,8 @@ def test_more_requests_than_the_queue_holds_get_503_with_retry_after(files, tmp_
     with ServerProcess(args, tmp_path / "log") as small:
         responses = post_all(small, [greedy(BASE, PROMPTS[0], 500) for _ in range(6)])
         codes = Counter(r.status_code for r in responses)
-        assert set(codes) == {200, 503} and codes[200] >= 2, codes
+        # Only the first is sure of a row: the second may find it still waiting.
+        assert set(codes) == {200, 503}, codes
         for r in responses:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1"
