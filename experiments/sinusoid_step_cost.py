@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="1,5,25,100")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument(
+        "--number", type=int, default=10, help="back-to-back steps per sample, as in training"
+    )
     parser.add_argument("--impls", default="fused,mlx,jax", help="jax is left out if missing")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -40,14 +43,15 @@ def main() -> None:
             for impl in impls
         }
         for op in runner.measure_interleaved(
-            "sinusoid maml", fns, repeat=args.repeat, warmup=3, tasks=tasks
+            "sinusoid maml", fns, repeat=args.repeat, warmup=3, number=args.number, tasks=tasks
         ):
             medians[op.params["impl"]][tasks] = op.median
     rows, table = (
         [],
         [
             f"Sinusoid MAML (1-40-40-1, 10+10 shots, {args.inner_steps} inner step), medians of "
-            f"{args.repeat} turns. Conditions: {conditions}",
+            f"{args.repeat} turns, each sample the mean of {args.number} back-to-back steps. "
+            f"Conditions: {conditions}",
             "",
             "| implementation | "
             + " | ".join(f"T={t}" for t in medians["fused"])

@@ -233,8 +233,64 @@ void eval_affine_cpu(
   });
 }
 
+namespace {
+
+// The same matrix read the other way round.
+Mat flipped(const Mat& m) {
+  return {m.data, m.batch_stride, m.ld, !m.trans};
+}
+
+// out = x @ w (Plain), or the sum over rows of a^T @ b (Outer, OuterPerTask).
+void eval_product_cpu(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    mx::array& out,
+    Linear::Form form) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+  bool plain = form == Linear::Form::Plain;
+  bool batched = plain ? inputs[1].ndim() == 3 : form == Linear::Form::OuterPerTask;
+  auto& shape = inputs[0].shape();
+  int nd = shape.size();
+  int64_t B = batched ? shape[0] : 1;
+  int64_t rows = prod(shape, batched ? 1 : 0, nd - 1);
+  int64_t cols = shape[nd - 1];
+  int64_t M = plain ? rows : cols;
+  int64_t N = inputs[1].shape(-1);
+  int64_t K = plain ? cols : rows;
+  encoder.dispatch([a = operand(inputs[0]),
+                    b = operand(inputs[1]),
+                    plain,
+                    batched,
+                    B,
+                    M,
+                    N,
+                    K,
+                    out_ptr = out.data<void>(),
+                    out_dtype = out.dtype()]() {
+    std::vector<float> sa, sb, so;
+    Mat am = as_mat(a, batched, sa);
+    Mat bm = as_mat(b, batched, sb);
+    float* dst = float_output(out_ptr, out_dtype, B * M * N, so);
+    // affine() multiplies by its second operand transposed: flip b to take it
+    // as stored, and flip a to sum its rows.
+    affine(plain ? am : flipped(am), flipped(bm), nullptr, 0, B, M, N, K, dst);
+    store_float_output(so, out_ptr, out_dtype);
+  });
+}
+
+} // namespace
+
 void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  eval_affine_cpu(stream(), inputs, outputs[0], false, 0.0f);
+  if (form_ == Form::Affine) {
+    eval_affine_cpu(stream(), inputs, outputs[0], false, 0.0f);
+  } else {
+    eval_product_cpu(stream(), inputs, outputs[0], form_);
+  }
 }
 
 void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -243,9 +299,32 @@ void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
 }
 
 std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {
-  auto shape = inputs[0].shape();
-  shape.back() = inputs[1].shape(-2);
-  return {shape};
+  auto& a = inputs[0];
+  auto& b = inputs[1];
+  switch (form_) {
+    case Form::Affine:
+    case Form::Plain: {
+      auto shape = a.shape();
+      shape.back() = b.shape(form_ == Form::Affine ? -2 : -1);
+      return {shape};
+    }
+    case Form::Outer:
+      return {{a.shape(-1), b.shape(-1)}};
+    case Form::OuterPerTask:
+      return {{a.shape(0), a.shape(-1), b.shape(-1)}};
+  }
+  throw std::logic_error("[metapeft.linear] unknown form");
+}
+
+mx::array linear_plain(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  auto dtype = result_dtype({x, w});
+  if (stream.device == mx::Device::gpu) {
+    return matmul_affine(x, mx::swapaxes(w, -1, -2, stream), std::nullopt, dtype, stream);
+  }
+  auto shape = x.shape();
+  shape.back() = w.shape(-1);
+  return mx::array(shape, dtype, std::make_shared<Linear>(stream, Linear::Form::Plain), {x, w});
 }
 
 mx::array outer_sum(
@@ -253,19 +332,30 @@ mx::array outer_sum(
     const mx::array& b,
     bool per_task,
     mx::StreamOrDevice s) {
-  int nd = a.ndim();
-  int m = a.shape(-1), n = b.shape(-1);
-  if (per_task) {
-    int T = a.shape(0);
-    int rows = prod(a.shape(), 1, nd - 1);
-    auto a3 = mx::reshape(a, {T, rows, m}, s);
-    auto b3 = mx::reshape(b, {T, rows, n}, s);
-    return linear(mx::swapaxes(a3, 1, 2, s), mx::swapaxes(b3, 1, 2, s), std::nullopt, s);
+  auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu) {
+    // MLX's matmul of the transposed rows.
+    int nd = a.ndim();
+    int m = a.shape(-1), n = b.shape(-1);
+    int T = per_task ? a.shape(0) : 1;
+    int rows = prod(a.shape(), per_task ? 1 : 0, nd - 1);
+    mx::Shape a_shape = {m}, b_shape = {n};
+    a_shape.insert(a_shape.begin(), rows);
+    b_shape.insert(b_shape.begin(), rows);
+    if (per_task) {
+      a_shape.insert(a_shape.begin(), T);
+      b_shape.insert(b_shape.begin(), T);
+    }
+    auto at = mx::swapaxes(mx::reshape(a, a_shape, stream), -1, -2, stream);
+    auto bt = mx::swapaxes(mx::reshape(b, b_shape, stream), -1, -2, stream);
+    return matmul_affine(at, bt, std::nullopt, result_dtype({a, b}), stream);
   }
-  int rows = prod(a.shape(), 0, nd - 1);
-  auto a2 = mx::reshape(a, {rows, m}, s);
-  auto b2 = mx::reshape(b, {rows, n}, s);
-  return linear(mx::transpose(a2, s), mx::transpose(b2, s), std::nullopt, s);
+  mx::Shape shape = {a.shape(-1), b.shape(-1)};
+  if (per_task) {
+    shape.insert(shape.begin(), a.shape(0));
+  }
+  auto form = per_task ? Linear::Form::OuterPerTask : Linear::Form::Outer;
+  return mx::array(shape, result_dtype({a, b}), std::make_shared<Linear>(stream, form), {a, b});
 }
 
 mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s) {
@@ -291,22 +381,33 @@ std::vector<mx::array> Linear::vjp(
     const std::vector<mx::array>& cotangents,
     const std::vector<int>& argnums,
     const std::vector<mx::array>&) {
-  auto& x = primals[0];
-  auto& w = primals[1];
+  auto& a = primals[0];
+  auto& b = primals[1];
   auto& g = cotangents[0];
   auto s = stream();
-  bool per_task = w.ndim() == 3;
+  bool per_task = form_ == Form::OuterPerTask || (form_ != Form::Outer && b.ndim() == 3);
   std::vector<mx::array> grads;
   for (int arg : argnums) {
-    if (arg == 0) {
-      grads.push_back(mx::astype(linear(g, mx::swapaxes(w, -1, -2, s), std::nullopt, s),
-                                 x.dtype(), s));
-    } else if (arg == 1) {
-      grads.push_back(mx::astype(outer_sum(g, x, per_task, s), w.dtype(), s));
-    } else {
-      auto& b = primals[2];
-      grads.push_back(mx::astype(bias_grad(g, b.ndim() == 2, s), b.dtype(), s));
+    std::optional<mx::array> grad;
+    switch (form_) {
+      case Form::Affine: // a @ b^T + bias
+        if (arg == 0) {
+          grad = linear_plain(g, b, s);
+        } else if (arg == 1) {
+          grad = outer_sum(g, a, per_task, s);
+        } else {
+          grad = bias_grad(g, primals[2].ndim() == 2, s);
+        }
+        break;
+      case Form::Plain: // a @ b
+        grad = arg == 0 ? linear(g, b, std::nullopt, s) : outer_sum(a, g, per_task, s);
+        break;
+      case Form::Outer: // a^T @ b, summed over rows
+      case Form::OuterPerTask:
+        grad = arg == 0 ? linear(b, g, std::nullopt, s) : linear_plain(a, g, s);
+        break;
     }
+    grads.push_back(mx::astype(*grad, primals[arg].dtype(), s));
   }
   return grads;
 }
@@ -315,28 +416,48 @@ std::vector<mx::array> Linear::jvp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& tangents,
     const std::vector<int>& argnums) {
-  auto& x = primals[0];
-  auto& w = primals[1];
+  auto& a = primals[0];
+  auto& b = primals[1];
   auto s = stream();
+  bool per_task = form_ == Form::OuterPerTask;
+  // Each form is linear in each of its inputs: its tangent is the same product
+  // with that input replaced by its tangent.
+  auto product = [&](const mx::array& x, const mx::array& y) {
+    switch (form_) {
+      case Form::Affine:
+        return linear(x, y, std::nullopt, s);
+      case Form::Plain:
+        return linear_plain(x, y, s);
+      default:
+        return outer_sum(x, y, per_task, s);
+    }
+  };
   std::optional<mx::array> out;
   auto add = [&](const mx::array& t) { out = out ? mx::add(*out, t, s) : t; };
   for (size_t i = 0; i < argnums.size(); ++i) {
     auto& t = tangents[i];
     if (argnums[i] == 0) {
-      add(linear(t, w, std::nullopt, s));
+      add(product(t, b));
     } else if (argnums[i] == 1) {
-      add(linear(x, t, std::nullopt, s));
+      add(product(a, t));
     } else {
-      add(expand_bias(t, x.ndim(), s));
+      add(expand_bias(t, a.ndim(), s));
     }
   }
   return leaf_tangents({out}, output_shapes(primals), {result_dtype(primals)}, s);
 }
 
-std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
+namespace {
+
+// vmap of x @ w^T + bias (`plain` false) or of x @ w (`plain` true, no bias).
+std::pair<std::vector<mx::array>, std::vector<int>> vmap_product(
     const std::vector<mx::array>& inputs,
-    const std::vector<int>& axes) {
-  auto s = stream();
+    const std::vector<int>& axes,
+    bool plain,
+    mx::Stream s) {
+  auto product = [&](const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias) {
+    return plain ? linear_plain(x, w, s) : linear(x, w, bias, s);
+  };
   bool per_task = inputs[1].ndim() - (axes[1] >= 0) == 3;
   bool has_bias = inputs.size() > 2;
   bool params_mapped = axes[1] >= 0 || (has_bias && axes[2] >= 0);
@@ -347,9 +468,9 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
       bias = inputs[2];
     }
     if (!per_task) {
-      return {{linear(mx::moveaxis(inputs[0], axes[0], 0, s), inputs[1], bias, s)}, {0}};
+      return {{product(mx::moveaxis(inputs[0], axes[0], 0, s), inputs[1], bias)}, {0}};
     }
-    return {{linear(mx::moveaxis(inputs[0], axes[0], 1, s), inputs[1], bias, s)}, {1}};
+    return {{product(mx::moveaxis(inputs[0], axes[0], 1, s), inputs[1], bias)}, {1}};
   }
   int V = vmap_size(inputs, axes);
   if (!per_task) {
@@ -358,7 +479,7 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
       bias = axes[2] >= 0 ? mx::moveaxis(inputs[2], axes[2], 0, s) : inputs[2];
     }
     auto x = to_front(inputs[0], axes[0], V, s);
-    return {{linear(x, to_front(inputs[1], axes[1], V, s), bias, s)}, {0}};
+    return {{product(x, to_front(inputs[1], axes[1], V, s), bias)}, {0}};
   }
   // Fold V into the task axis: (V, T, ...) -> (V * T, ...).
   int T = inputs[1].shape(axes[1] == 0 ? 1 : 0);
@@ -366,12 +487,36 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
     bool mapped = axes[2] >= 0;
     bias = fold_tasks(inputs[2], axes[2], V, T, inputs[2].ndim() - mapped == 2, s);
   }
-  auto out = linear(
+  auto out = product(
       fold_tasks(inputs[0], axes[0], V, T, true, s),
       fold_tasks(inputs[1], axes[1], V, T, true, s),
-      bias,
-      s);
+      bias);
   return {{unfold_tasks(out, V, s)}, {0}};
+}
+
+} // namespace
+
+std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  auto s = stream();
+  if (form_ == Form::Affine || form_ == Form::Plain) {
+    return vmap_product(inputs, axes, form_ == Form::Plain, s);
+  }
+  // Outer: the mapped axis becomes the task axis, or is folded into it.
+  int V = vmap_size(inputs, axes);
+  auto a = to_front(inputs[0], axes[0], V, s);
+  auto b = to_front(inputs[1], axes[1], V, s);
+  if (form_ == Form::Outer) {
+    return {{outer_sum(a, b, true, s)}, {0}};
+  }
+  auto fold = [&](const mx::array& z) {
+    auto shape = z.shape();
+    shape.erase(shape.begin());
+    shape[0] *= V;
+    return mx::reshape(z, shape, s);
+  };
+  return {{unfold_tasks(outer_sum(fold(a), fold(b), true, s), V, s)}, {0}};
 }
 
 } // namespace metapeft

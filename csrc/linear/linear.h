@@ -13,6 +13,10 @@ mx::array linear(
     const std::optional<mx::array>& bias = std::nullopt,
     mx::StreamOrDevice s = {});
 
+// x @ w: w (d_in, d_out) with x (..., d_in), or w (T, d_in, d_out) with
+// x (T, ..., d_in). The input gradient of a linear map, without a transposed view.
+mx::array linear_plain(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+
 // sum over rows of a^T @ b: a (..., m), b (..., n) -> (m, n); with `per_task`,
 // a (T, ..., m), b (T, ..., n) -> (T, m, n). The weight gradient of a linear map.
 mx::array outer_sum(
@@ -36,9 +40,19 @@ mx::array matmul_affine(
     mx::Dtype dtype,
     mx::Stream s);
 
+// One primitive for the three products of a linear map and its gradients, so
+// that they need no transposed or reshaped views (each a graph node of its own).
 class Linear : public mx::Primitive {
  public:
-  explicit Linear(mx::Stream stream) : mx::Primitive(stream) {}
+  enum class Form {
+    Affine, // x @ w^T (+ bias)
+    Plain, // x @ w
+    Outer, // sum over rows of a^T @ b
+    OuterPerTask, // the same, one per task
+  };
+
+  explicit Linear(mx::Stream stream, Form form = Form::Affine)
+      : mx::Primitive(stream), form_(form) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -58,9 +72,12 @@ class Linear : public mx::Primitive {
   const char* name() const override {
     return "MetapeftLinear";
   }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return form_ == static_cast<const Linear&>(other).form_;
   }
+
+ private:
+  Form form_;
 };
 
 } // namespace metapeft

@@ -33,6 +33,7 @@ from metapeft.learners.core import (
     split_tree,
     stop_gradient,
     tree_distance,
+    tree_total,
 )
 from metapeft.learners.mapping import ALL_AT_ONCE, ONE_AT_A_TIME, TaskMap
 from metapeft.nn.fast import use_fast_layers
@@ -321,7 +322,7 @@ class MetaLearner:
 
         def step(meta, opt_state, *data):
             new_meta, new_state, metrics = self.outer_step(meta, opt_state, data, loss_fn)
-            total = sum((mx.sum(leaf) for _, leaf in tree_flatten(new_meta)), mx.array(0.0))
+            total = tree_total(leaf for _, leaf in tree_flatten(new_meta))
             return new_meta, new_state, {**metrics, "finite": mx.isfinite(total)}
 
         if self._use_compile and self.tasks.compiles:

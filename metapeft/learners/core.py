@@ -10,7 +10,7 @@ it on every task of a meta-batch, all at once or one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import mlx.core as mx
@@ -108,3 +108,16 @@ def tree_distance(a: Any, b: Any) -> mx.array:
         for (_, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True)
     ]
     return mx.sqrt(sum(leaves, start=mx.array(0.0)))
+
+
+def tree_total(leaves: Iterable[mx.array]) -> mx.array:
+    """The sum of every element of every array in ``leaves``, a scalar.
+
+    Each leaf is summed with ``keepdims`` (all-ones shapes broadcast together) and
+    the total reshaped once, sparing the graph a squeeze node per leaf: a node costs
+    microseconds, and a small meta-step is a few hundred of them. Not for use under
+    ``vmap``, where leaves of different ranks cost a broadcast and a transpose each."""
+    total = mx.array(0.0)
+    for leaf in leaves:
+        total = total + mx.sum(leaf, keepdims=True)
+    return total.reshape(())
