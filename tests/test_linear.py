@@ -187,6 +187,37 @@ def test_second_order(dtype, per_task, inner):
     check_second_order(op_fn, ref_fn, args, names, inner, rng, k=12)
 
 
+def linear_gradient(fn, cot):
+    """``(x, w, b) -> (dx, dw, db)`` of ``sum(cot * sin(fn(x, w, b)))``: the gradient's
+    own products are ``g @ w`` and the row-summed outer products."""
+    return mx.grad(lambda x, w, b: mx.sum(cot * mx.sin(fn(x, w, b))), argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None), (None, 0, 0), (0, 0, 0), (2, 1, None)])
+@pytest.mark.parametrize("per_task", [False, True], ids=["single", "per_task"])
+def test_gradient_under_vmap(per_task, in_axes):
+    rng = np.random.default_rng(11)
+    base = make_args(rng, VMAP_SHAPE[per_task], mx.float32, "task")
+    cot = rand(rng, reference.linear(*base).shape)
+    args = batched(rng, base, in_axes)
+    got = mx.vmap(linear_gradient(ops.linear, cot), in_axes=in_axes)(*args)
+    expected = mx.vmap(linear_gradient(reference.linear, cot), in_axes=in_axes)(*args)
+    for name, g, e in zip(NAMES, got, expected, strict=True):
+        assert_close(g, e, mx.float32, k=12, label=f"vmap of d{name}")
+
+
+@pytest.mark.parametrize("per_task", [False, True], ids=["single", "per_task"])
+def test_gradient_jvp(per_task):
+    rng = np.random.default_rng(12)
+    base = make_args(rng, VMAP_SHAPE[per_task], mx.float32, "task")
+    cot = rand(rng, reference.linear(*base).shape)
+    tangents = [rand(rng, a.shape) for a in base]
+    _, got = mx.jvp(linear_gradient(ops.linear, cot), base, tangents)
+    _, expected = mx.jvp(linear_gradient(reference.linear, cot), base, tangents)
+    for name, g, e in zip(NAMES, got, expected, strict=True):
+        assert_close(g, e, mx.float32, k=12, label=f"jvp of d{name}")
+
+
 @pytest.mark.parametrize("bias_kind", BIAS_KINDS)
 @pytest.mark.parametrize("per_task", [False, True], ids=["single", "per_task"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
