@@ -240,18 +240,21 @@ Mat flipped(const Mat& m) {
   return {m.data, m.batch_stride, m.ld, !m.trans};
 }
 
-// out = x @ w (Plain), or the sum over rows of a^T @ b (Outer, OuterPerTask).
+// x @ w (+ bias) (Plain), or the sum over rows of a^T @ b (Outer, OuterPerTask),
+// with the sums of a's rows as a second output when `row_sums`.
 void eval_product_cpu(
     mx::Stream stream,
     const std::vector<mx::array>& inputs,
-    mx::array& out,
+    std::vector<mx::array>& outputs,
     Linear::Form form) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& in : inputs) {
     encoder.set_input_array(in);
   }
-  encoder.set_output_array(out);
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_output_array(out);
+  }
   bool plain = form == Linear::Form::Plain;
   bool batched = plain ? inputs[1].ndim() == 3 : form == Linear::Form::OuterPerTask;
   auto& shape = inputs[0].shape();
@@ -262,24 +265,54 @@ void eval_product_cpu(
   int64_t M = plain ? rows : cols;
   int64_t N = inputs[1].shape(-1);
   int64_t K = plain ? cols : rows;
+  std::optional<Operand> bias;
+  if (plain && inputs.size() > 2) {
+    bias = operand(inputs[2]);
+  }
+  bool sums = outputs.size() > 1;
   encoder.dispatch([a = operand(inputs[0]),
                     b = operand(inputs[1]),
+                    bias,
                     plain,
                     batched,
+                    sums,
                     B,
                     M,
                     N,
                     K,
-                    out_ptr = out.data<void>(),
-                    out_dtype = out.dtype()]() {
-    std::vector<float> sa, sb, so;
+                    out_ptr = outputs[0].data<void>(),
+                    sums_ptr = sums ? outputs[1].data<void>() : nullptr,
+                    out_dtype = outputs[0].dtype()]() {
+    std::vector<float> sa, sb, sbias, so, ss;
     Mat am = as_mat(a, batched, sa);
     Mat bm = as_mat(b, batched, sb);
+    const float* bp = nullptr;
+    int64_t b_stride = 0;
+    if (bias) {
+      bp = dense_float(*bias, sbias);
+      b_stride = bias->shape.size() == 2 ? N : 0;
+    }
     float* dst = float_output(out_ptr, out_dtype, B * M * N, so);
     // affine() multiplies by its second operand transposed: flip b to take it
     // as stored, and flip a to sum its rows.
-    affine(plain ? am : flipped(am), flipped(bm), nullptr, 0, B, M, N, K, dst);
+    affine(plain ? am : flipped(am), flipped(bm), bp, b_stride, B, M, N, K, dst);
     store_float_output(so, out_ptr, out_dtype);
+    if (sums) {
+      // a is K rows of M values per task: element (k, m) at k * ld + m, or at
+      // k + m * ld when stored transposed.
+      float* s = float_output(sums_ptr, out_dtype, B * M, ss);
+      for (int64_t t = 0; t < B; ++t) {
+        const float* at = am.at(t);
+        float* st = s + t * M;
+        std::fill(st, st + M, 0.0f);
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t m = 0; m < M; ++m) {
+            st[m] += am.trans ? at[k + m * am.ld] : at[k * am.ld + m];
+          }
+        }
+      }
+      store_float_output(ss, sums_ptr, out_dtype);
+    }
   });
 }
 
@@ -289,7 +322,7 @@ void Linear::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   if (form_ == Form::Affine) {
     eval_affine_cpu(stream(), inputs, outputs[0], false, 0.0f);
   } else {
-    eval_product_cpu(stream(), inputs, outputs[0], form_);
+    eval_product_cpu(stream(), inputs, outputs, form_);
   }
 }
 
@@ -301,30 +334,40 @@ void Linear::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
 std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {
   auto& a = inputs[0];
   auto& b = inputs[1];
-  switch (form_) {
-    case Form::Affine:
-    case Form::Plain: {
-      auto shape = a.shape();
-      shape.back() = b.shape(form_ == Form::Affine ? -2 : -1);
-      return {shape};
-    }
-    case Form::Outer:
-      return {{a.shape(-1), b.shape(-1)}};
-    case Form::OuterPerTask:
-      return {{a.shape(0), a.shape(-1), b.shape(-1)}};
+  if (!outer()) {
+    auto shape = a.shape();
+    shape.back() = b.shape(form_ == Form::Affine ? -2 : -1);
+    return {shape};
   }
-  throw std::logic_error("[metapeft.linear] unknown form");
+  mx::Shape product = {a.shape(-1), b.shape(-1)};
+  mx::Shape sums = {a.shape(-1)};
+  if (form_ == Form::OuterPerTask) {
+    product.insert(product.begin(), a.shape(0));
+    sums.insert(sums.begin(), a.shape(0));
+  }
+  if (row_sums_) {
+    return {product, sums};
+  }
+  return {product};
 }
 
-mx::array linear_plain(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+mx::array linear_plain(
+    const mx::array& x,
+    const mx::array& w,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  auto dtype = result_dtype({x, w});
+  std::vector<mx::array> inputs = {x, w};
+  if (bias) {
+    inputs.push_back(*bias);
+  }
+  auto dtype = result_dtype(inputs);
   if (stream.device == mx::Device::gpu) {
-    return matmul_affine(x, mx::swapaxes(w, -1, -2, stream), std::nullopt, dtype, stream);
+    return matmul_affine(x, mx::swapaxes(w, -1, -2, stream), bias, dtype, stream);
   }
   auto shape = x.shape();
   shape.back() = w.shape(-1);
-  return mx::array(shape, dtype, std::make_shared<Linear>(stream, Linear::Form::Plain), {x, w});
+  return mx::array(shape, dtype, std::make_shared<Linear>(stream, Linear::Form::Plain), inputs);
 }
 
 mx::array outer_sum(
@@ -358,6 +401,22 @@ mx::array outer_sum(
   return mx::array(shape, result_dtype({a, b}), std::make_shared<Linear>(stream, form), {a, b});
 }
 
+std::vector<mx::array> outer_sum_and_rows(
+    const mx::array& a,
+    const mx::array& b,
+    bool per_task,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device == mx::Device::gpu) {
+    return {outer_sum(a, b, per_task, stream), bias_grad(a, per_task, stream)};
+  }
+  auto form = per_task ? Linear::Form::OuterPerTask : Linear::Form::Outer;
+  auto primitive = std::make_shared<Linear>(stream, form, true);
+  auto shapes = primitive->output_shapes({a, b});
+  auto dtype = result_dtype({a, b});
+  return mx::array::make_arrays(shapes, {dtype, dtype}, primitive, {a, b});
+}
+
 mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s) {
   std::vector<int> axes;
   for (int ax = per_task ? 1 : 0; ax < static_cast<int>(g.ndim()) - 1; ++ax) {
@@ -385,26 +444,45 @@ std::vector<mx::array> Linear::vjp(
   auto& b = primals[1];
   auto& g = cotangents[0];
   auto s = stream();
-  bool per_task = form_ == Form::OuterPerTask || (form_ != Form::Outer && b.ndim() == 3);
+  auto wants = [&](int arg) { return std::find(argnums.begin(), argnums.end(), arg) != argnums.end(); };
+  bool per_task = form_ == Form::OuterPerTask || (!outer() && b.ndim() == 3);
+  std::optional<mx::array> weight_grad, bias_grad_;
+  if (form_ == Form::Affine && wants(1) && wants(2) && (primals[2].ndim() == 2) == per_task) {
+    // The weight and bias gradients from one node.
+    auto both = outer_sum_and_rows(g, a, per_task, s);
+    weight_grad = both[0];
+    bias_grad_ = both[1];
+  }
+  // The cotangent of an outer product's row sums enters as the bias of da.
+  std::optional<mx::array> sums_cot;
+  if (row_sums_ && !is_zero_fill(cotangents[1])) {
+    sums_cot = cotangents[1];
+  }
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     std::optional<mx::array> grad;
     switch (form_) {
       case Form::Affine: // a @ b^T + bias
         if (arg == 0) {
-          grad = linear_plain(g, b, s);
+          grad = linear_plain(g, b, std::nullopt, s);
         } else if (arg == 1) {
-          grad = outer_sum(g, a, per_task, s);
+          grad = weight_grad ? *weight_grad : outer_sum(g, a, per_task, s);
+        } else {
+          grad = bias_grad_ ? *bias_grad_ : bias_grad(g, primals[2].ndim() == 2, s);
+        }
+        break;
+      case Form::Plain: // a @ b + bias
+        if (arg == 0) {
+          grad = linear(g, b, std::nullopt, s);
+        } else if (arg == 1) {
+          grad = outer_sum(a, g, per_task, s);
         } else {
           grad = bias_grad(g, primals[2].ndim() == 2, s);
         }
         break;
-      case Form::Plain: // a @ b
-        grad = arg == 0 ? linear(g, b, std::nullopt, s) : outer_sum(a, g, per_task, s);
-        break;
-      case Form::Outer: // a^T @ b, summed over rows
+      case Form::Outer: // a^T @ b, summed over rows (and a's rows summed)
       case Form::OuterPerTask:
-        grad = arg == 0 ? linear(b, g, std::nullopt, s) : linear_plain(a, g, s);
+        grad = arg == 0 ? linear(b, g, sums_cot, s) : linear_plain(a, g, std::nullopt, s);
         break;
     }
     grads.push_back(mx::astype(*grad, primals[arg].dtype(), s));
@@ -427,36 +505,43 @@ std::vector<mx::array> Linear::jvp(
       case Form::Affine:
         return linear(x, y, std::nullopt, s);
       case Form::Plain:
-        return linear_plain(x, y, s);
+        return linear_plain(x, y, std::nullopt, s);
       default:
         return outer_sum(x, y, per_task, s);
     }
   };
-  std::optional<mx::array> out;
+  std::optional<mx::array> out, sums;
   auto add = [&](const mx::array& t) { out = out ? mx::add(*out, t, s) : t; };
   for (size_t i = 0; i < argnums.size(); ++i) {
     auto& t = tangents[i];
     if (argnums[i] == 0) {
       add(product(t, b));
+      if (row_sums_) {
+        sums = bias_grad(t, per_task, s);
+      }
     } else if (argnums[i] == 1) {
       add(product(a, t));
     } else {
       add(expand_bias(t, a.ndim(), s));
     }
   }
-  return leaf_tangents({out}, output_shapes(primals), {result_dtype(primals)}, s);
+  auto dtype = result_dtype(primals);
+  if (row_sums_) {
+    return leaf_tangents({out, sums}, output_shapes(primals), {dtype, dtype}, s);
+  }
+  return leaf_tangents({out}, output_shapes(primals), {dtype}, s);
 }
 
 namespace {
 
-// vmap of x @ w^T + bias (`plain` false) or of x @ w (`plain` true, no bias).
+// vmap of x @ w^T + bias (`plain` false) or of x @ w + bias (`plain` true).
 std::pair<std::vector<mx::array>, std::vector<int>> vmap_product(
     const std::vector<mx::array>& inputs,
     const std::vector<int>& axes,
     bool plain,
     mx::Stream s) {
   auto product = [&](const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias) {
-    return plain ? linear_plain(x, w, s) : linear(x, w, bias, s);
+    return plain ? linear_plain(x, w, bias, s) : linear(x, w, bias, s);
   };
   bool per_task = inputs[1].ndim() - (axes[1] >= 0) == 3;
   bool has_bias = inputs.size() > 2;
@@ -507,8 +592,13 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
   int V = vmap_size(inputs, axes);
   auto a = to_front(inputs[0], axes[0], V, s);
   auto b = to_front(inputs[1], axes[1], V, s);
+  auto outer = [&](const mx::array& x, const mx::array& y) {
+    return row_sums_ ? outer_sum_and_rows(x, y, true, s)
+                     : std::vector<mx::array>{outer_sum(x, y, true, s)};
+  };
   if (form_ == Form::Outer) {
-    return {{outer_sum(a, b, true, s)}, {0}};
+    auto outs = outer(a, b);
+    return {outs, std::vector<int>(outs.size(), 0)};
   }
   auto fold = [&](const mx::array& z) {
     auto shape = z.shape();
@@ -516,7 +606,11 @@ std::pair<std::vector<mx::array>, std::vector<int>> Linear::vmap(
     shape[0] *= V;
     return mx::reshape(z, shape, s);
   };
-  return {{unfold_tasks(outer_sum(fold(a), fold(b), true, s), V, s)}, {0}};
+  auto outs = outer(fold(a), fold(b));
+  for (auto& out : outs) {
+    out = unfold_tasks(out, V, s);
+  }
+  return {outs, std::vector<int>(outs.size(), 0)};
 }
 
 } // namespace metapeft

@@ -13,13 +13,26 @@ mx::array linear(
     const std::optional<mx::array>& bias = std::nullopt,
     mx::StreamOrDevice s = {});
 
-// x @ w: w (d_in, d_out) with x (..., d_in), or w (T, d_in, d_out) with
-// x (T, ..., d_in). The input gradient of a linear map, without a transposed view.
-mx::array linear_plain(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+// x @ w (+ bias): w (d_in, d_out) with x (..., d_in), or w (T, d_in, d_out) with
+// x (T, ..., d_in); bias as for linear. The input gradient of a linear map,
+// without a transposed view.
+mx::array linear_plain(
+    const mx::array& x,
+    const mx::array& w,
+    const std::optional<mx::array>& bias = std::nullopt,
+    mx::StreamOrDevice s = {});
 
 // sum over rows of a^T @ b: a (..., m), b (..., n) -> (m, n); with `per_task`,
 // a (T, ..., m), b (T, ..., n) -> (T, m, n). The weight gradient of a linear map.
 mx::array outer_sum(
+    const mx::array& a,
+    const mx::array& b,
+    bool per_task,
+    mx::StreamOrDevice s = {});
+
+// {outer_sum(a, b, per_task), the sum over rows of a}: a linear map's weight and
+// bias gradients from one node.
+std::vector<mx::array> outer_sum_and_rows(
     const mx::array& a,
     const mx::array& b,
     bool per_task,
@@ -46,13 +59,13 @@ class Linear : public mx::Primitive {
  public:
   enum class Form {
     Affine, // x @ w^T (+ bias)
-    Plain, // x @ w
-    Outer, // sum over rows of a^T @ b
+    Plain, // x @ w (+ bias)
+    Outer, // sum over rows of a^T @ b (and, with row_sums, of a)
     OuterPerTask, // the same, one per task
   };
 
-  explicit Linear(mx::Stream stream, Form form = Form::Affine)
-      : mx::Primitive(stream), form_(form) {}
+  explicit Linear(mx::Stream stream, Form form = Form::Affine, bool row_sums = false)
+      : mx::Primitive(stream), form_(form), row_sums_(row_sums) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -73,11 +86,17 @@ class Linear : public mx::Primitive {
     return "MetapeftLinear";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return form_ == static_cast<const Linear&>(other).form_;
+    auto& o = static_cast<const Linear&>(other);
+    return form_ == o.form_ && row_sums_ == o.row_sums_;
   }
 
  private:
+  bool outer() const {
+    return form_ == Form::Outer || form_ == Form::OuterPerTask;
+  }
+
   Form form_;
+  bool row_sums_;
 };
 
 } // namespace metapeft

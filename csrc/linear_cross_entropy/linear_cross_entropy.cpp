@@ -53,7 +53,7 @@ void loss_and_grad_rows(
 std::vector<mx::array> composed(const mx::array& x, const mx::array& w, const mx::array& t, mx::Stream s) {
   auto logits = linear(x, w, std::nullopt, s);
   auto grad = cross_entropy_grad(logits, t, mx::ones(t.shape(), mx::float32, s), s);
-  return {cross_entropy(logits, t, s), linear_plain(mx::astype(grad, mx::float32, s), w, s)};
+  return {cross_entropy(logits, t, s), linear_plain(mx::astype(grad, mx::float32, s), w, std::nullopt, s)};
 }
 
 // The outputs {loss, row_grads} for any x, weight and targets; a weight with a

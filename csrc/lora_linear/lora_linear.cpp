@@ -161,7 +161,7 @@ std::vector<mx::array> LoraLinear::vjp(
       auto gb = linear(g, b, std::nullopt, s);
       grad = mx::multiply(sc, outer_sum(x, gb, per_task, s), s);
     } else if (arg == 3) {
-      auto h = linear_plain(x, a, s);
+      auto h = linear_plain(x, a, std::nullopt, s);
       grad = mx::multiply(sc, outer_sum(h, g, per_task, s), s);
     } else {
       grad = bias_grad(g, primals[4].ndim() == 2, s);
@@ -184,7 +184,7 @@ std::vector<mx::array> LoraLinear::jvp(
   std::optional<mx::array> out;
   auto add = [&](const mx::array& t) { out = out ? mx::add(*out, t, s) : t; };
   auto low_rank = [&](const mx::array& da, const mx::array& db) {
-    return mx::multiply(sc, linear_plain(linear_plain(x, da, s), db, s), s);
+    return mx::multiply(sc, linear_plain(linear_plain(x, da, std::nullopt, s), db, std::nullopt, s), s);
   };
   for (size_t i = 0; i < argnums.size(); ++i) {
     auto& t = tangents[i];
