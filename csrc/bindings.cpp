@@ -20,6 +20,7 @@
 #include "sigmoid/sigmoid.h"
 #include "softmax/softmax.h"
 #include "swiglu/swiglu.h"
+#include "squared_distance/squared_distance.h"
 #include "task_sgd/task_sgd.h"
 
 namespace nb = nanobind;
@@ -174,6 +175,12 @@ nb::object reptile_update_tree(
   return rebuild(params, metapeft::reptile_update(p, a, eps, s));
 }
 
+mx::array squared_distance_tree(nb::handle params, nb::handle other, mx::StreamOrDevice s) {
+  std::vector<mx::array> p;
+  flatten(params, p);
+  return metapeft::squared_distance(p, leaves_like(params, other, "other"), s);
+}
+
 } // namespace
 
 NB_MODULE(_ext, m) {
@@ -234,6 +241,14 @@ NB_MODULE(_ext, m) {
       "params"_a,
       "adapted"_a,
       "epsilon"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "squared_distance",
+      &squared_distance_tree,
+      "params"_a,
+      "other"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
 

@@ -31,6 +31,7 @@ __all__ = [
     "rope",
     "sigmoid",
     "softmax",
+    "squared_distance",
     "swiglu",
     "task_sgd",
 ]
@@ -164,6 +165,32 @@ def reptile_update(
         return _ext.reptile_update(params, adapted, epsilon, stream=stream)
     except (ValueError, TypeError) as e:
         raise _explain(e, params, adapted=adapted) from None
+
+
+def squared_distance(params: Any, other: Any, *, stream: Stream = None) -> mx.array:
+    """``sum((params - other) ** 2)`` over every element of every leaf, in one node.
+
+    The squared Euclidean distance between two parameter trees, as a learner reports
+    how far the inner loop moved each task. Under ``mx.vmap`` over tasks it stays one
+    node, with a leaf of ``other`` shared by the tasks read in place.
+
+    Args:
+        params: Tree of arrays.
+        other: Tree like ``params``, each leaf of the same shape.
+        stream: Stream or device to run on; default stream if None. On a GPU stream
+            it is MLX's own ops.
+
+    Returns:
+        A float32 scalar (arithmetic in float64 on the CPU).
+
+    Example:
+        >>> squared_distance({"w": mx.ones((2, 2))}, {"w": mx.zeros((2, 2))}).item()
+        4.0
+    """
+    try:
+        return _ext.squared_distance(params, other, stream=stream)
+    except (ValueError, TypeError) as e:
+        raise _explain(e, params, other=other) from None
 
 
 def softmax(

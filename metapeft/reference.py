@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -67,6 +67,15 @@ def reptile_update(params: Any, adapted: Any, epsilon: float | mx.array) -> Any:
         return (p32 + epsilon * (mx.mean(a.astype(mx.float32), axis=0) - p32)).astype(dtype)
 
     return tree_map(step, params, adapted)
+
+
+def squared_distance(params: Any, other: Any) -> mx.array:
+    """``sum((params - other) ** 2)`` over every leaf, in float32."""
+    pairs = zip(tree_flatten(params), tree_flatten(other), strict=True)
+    total = mx.array(0.0)
+    for (_, p), (_, o) in pairs:
+        total = total + mx.sum(mx.square(p.astype(mx.float32) - o.astype(mx.float32)))
+    return total
 
 
 def softmax(x: mx.array, scale: float = 1.0, causal: bool = False) -> mx.array:

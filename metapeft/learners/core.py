@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from metapeft import ops
 from metapeft.learners.inner import InnerOptimizer
 
 LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
@@ -103,11 +104,7 @@ def stop_gradient(tree: Any) -> Any:
 
 def tree_distance(a: Any, b: Any) -> mx.array:
     """Euclidean distance between two trees of the same structure."""
-    leaves = [
-        mx.sum(mx.square(x - y))
-        for (_, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True)
-    ]
-    return mx.sqrt(sum(leaves, start=mx.array(0.0)))
+    return mx.sqrt(ops.squared_distance(a, b))
 
 
 def tree_total(leaves: Iterable[mx.array]) -> mx.array:
