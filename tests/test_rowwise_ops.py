@@ -241,6 +241,19 @@ def test_linear_cross_entropy_transforms():
             assert_close(g, e, mx.float32, k=66)
 
 
+@pytest.mark.parametrize("rows", [84, 85, 256, 257])
+def test_linear_cross_entropy_over_several_blocks_of_rows(rows):
+    """A vocabulary of 50,000 makes blocks of at most 83 rows (16 MB of logits): the
+    blocks, equal in size, give the values and gradients of one product."""
+    rng = np.random.default_rng(rows)
+    x, weight = rand(rng, (rows, 8)), rand(rng, (50000, 8))
+    targets = mx.array(rng.integers(0, 50000, size=(rows,)), dtype=mx.int32)
+    got = mx.value_and_grad(lambda a: ops.linear_cross_entropy(a, weight, targets).sum())(x)
+    ref = mx.value_and_grad(lambda a: reference.linear_cross_entropy(a, weight, targets).sum())
+    for g, e, name in zip(got, ref(x), ("loss", "grad"), strict=True):
+        assert_close(g, e, mx.float32, k=rows * 8, label=name)
+
+
 def test_linear_cross_entropy_holds_no_logits():
     """The first-order backward pass is the forward primitive's own output: no product
     of the logits is built, so no (rows, V) array is held."""

@@ -118,7 +118,11 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
     const float* xp = dense_float(xo, sx);
     Mat w = as_mat(wo, false, sw);
     auto tp = static_cast<const int32_t*>(to.ptr);
-    int64_t block = std::clamp<int64_t>(kBlockLogits / V, 1, rows);
+    // Blocks of equal rows: a last block of a few rows would read the whole weight
+    // for little work (two products of one row cost as much memory traffic as 85).
+    int64_t most = std::clamp<int64_t>(kBlockLogits / V, 1, rows);
+    int64_t blocks = (rows + most - 1) / most;
+    int64_t block = (rows + blocks - 1) / blocks;
     std::vector<float> logits(block * V);
     for (int64_t b = 0; b < rows; b += block) {
       int64_t n = std::min(block, rows - b);
