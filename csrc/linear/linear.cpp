@@ -159,6 +159,18 @@ void affine(
   });
 }
 
+// A bias as affine() reads it: its float32 data (or null) and the stride between
+// tasks (0: one bias for all).
+std::pair<const float*, int64_t> bias_rows(
+    const std::optional<Operand>& bias,
+    int64_t N,
+    std::vector<float>& scratch) {
+  if (!bias) {
+    return {nullptr, 0};
+  }
+  return {dense_float(*bias, scratch), bias->shape.size() == 2 ? N : 0};
+}
+
 } // namespace
 
 void eval_affine_cpu(
@@ -206,12 +218,7 @@ void eval_affine_cpu(
     std::vector<float> sx, sw, sbias, so;
     Mat xm = as_mat(x, per_task, sx);
     Mat wm = as_mat(w, w.shape.size() == 3, sw);
-    const float* bp = nullptr;
-    int64_t b_stride = 0;
-    if (bias) {
-      bp = dense_float(*bias, sbias);
-      b_stride = bias->shape.size() == 2 ? N : 0;
-    }
+    auto [bp, b_stride] = bias_rows(bias, N, sbias);
     float* dst = float_output(out_ptr, out_dtype, B * M * N, so);
     affine(xm, wm, bp, b_stride, B, M, N, K, dst);
     int64_t R = lora_a ? lora_a->shape.back() : 0;
@@ -286,12 +293,7 @@ void eval_product_cpu(
     std::vector<float> sa, sb, sbias, so, ss;
     Mat am = as_mat(a, batched, sa);
     Mat bm = as_mat(b, batched, sb);
-    const float* bp = nullptr;
-    int64_t b_stride = 0;
-    if (bias) {
-      bp = dense_float(*bias, sbias);
-      b_stride = bias->shape.size() == 2 ? N : 0;
-    }
+    auto [bp, b_stride] = bias_rows(bias, N, sbias);
     float* dst = float_output(out_ptr, out_dtype, B * M * N, so);
     // affine() multiplies by its second operand transposed: flip b to take it
     // as stored, and flip a to sum its rows.
