@@ -466,6 +466,11 @@ def _explain(error: Exception, params: Any, **trees: Any) -> Exception:
     if "same tree structure" in message:
         name = message.split()[0]
         other = [k for k, _ in tree_flatten(trees[name])]
+        if other == keys:
+            return ValueError(
+                f"{message}: the same leaves {keys}, in other containers (an empty dict or "
+                "list on one side only, or a list against a dict)"
+            )
         return ValueError(f"{message}: params has leaves {keys}, {name} has {other}")
     leaf = getattr(error, "leaf", None)  # the extension's index of the leaf at fault
     if leaf is None or leaf >= len(keys):

@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from test_learners import LEARNERS, max_diff, meta_gradient, mlp, mse, sinusoid_episodes
 
-from metapeft.learners import ALGORITHMS, MAML, build_learner, get_algorithm, inner
+from metapeft.learners import ALGORITHMS, MAML, build_learner, core, get_algorithm, inner
 
 INNER = {"sgd": inner.sgd, "momentum": lambda: inner.momentum(0.8), "adam": inner.adam}
 
@@ -161,6 +161,20 @@ def test_evaluate_maps_tasks_as_the_learner_does():
     np.testing.assert_allclose(
         out[True][0]["query_losses"], out[False][0]["query_losses"], rtol=1e-5
     )
+
+
+def test_param_diff_counts_leaves_only_not_empty_containers():
+    """A model's trainable parameters carry empty containers (a LoRA layer's
+    ``dropout: {}``) that trees rebuilt from paths lack; the distance the inner loop
+    moved is over the leaves alone, as ``tree_flatten`` lists them."""
+    meta = {"layers": [{"dropout": {}, "w": mx.ones((2, 3))}, {}, {"w": mx.zeros((3,))}]}
+    adapted = tree_unflatten([("layers.0.w", mx.zeros((2, 3))), ("layers.2.w", mx.ones((3,)))])
+    assert core.tree_distance(adapted, meta).item() == pytest.approx(3.0)
+    per_task = mx.vmap(core.tree_distance, in_axes=(0, None))(
+        tree_unflatten([("layers.0.w", mx.zeros((4, 2, 3))), ("layers.2.w", mx.ones((4, 3)))]),
+        meta,
+    )
+    np.testing.assert_allclose(np.array(per_task), 3.0)
 
 
 def test_the_registry_builds_every_algorithm_with_its_outer_step():

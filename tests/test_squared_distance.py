@@ -182,7 +182,9 @@ def test_bad_dtype(which, bad):
     check_raises(TypeError, lambda: case.op(*args), [which])
 
 
-@pytest.mark.parametrize("kind", ["missing_key", "extra_key", "list_length", "not_an_array"])
+@pytest.mark.parametrize(
+    "kind", ["missing_key", "extra_key", "list_length", "not_an_array", "empty_container"]
+)
 def test_mismatched_trees(kind):
     rng = np.random.default_rng(11)
     p = {"w": rand(rng, (3,)), "b": [rand(rng, (2, 2))]}
@@ -193,10 +195,13 @@ def test_mismatched_trees(kind):
         other["c"] = rand(rng, (3,))
     elif kind == "list_length":
         other["b"].append(rand(rng, (2, 2)))
+    elif kind == "empty_container":
+        other["dropout"] = {}
     else:
         other["w"] = [1.0, 2.0, 3.0]
     exc = TypeError if kind == "not_an_array" else ValueError
-    check_raises(exc, lambda: ops.squared_distance(p, other), ["other"])
+    names = ["other", "other containers"] if kind == "empty_container" else ["other"]
+    check_raises(exc, lambda: ops.squared_distance(p, other), names)
 
 
 @pytest.mark.parametrize("p_s, o_s", [((2, 3), (3, 2)), ((3,), (1, 3)), ((), (1,))])

@@ -103,8 +103,10 @@ def stop_gradient(tree: Any) -> Any:
 
 
 def tree_distance(a: Any, b: Any) -> mx.array:
-    """Euclidean distance between two trees of the same structure."""
-    return mx.sqrt(ops.squared_distance(a, b))
+    """Euclidean distance between two trees with the same leaves, as ``tree_flatten``
+    lists them (so empty containers, such as a module's ``dropout: {}``, do not count)."""
+    leaves_a, leaves_b = [x for _, x in tree_flatten(a)], [y for _, y in tree_flatten(b)]
+    return mx.sqrt(ops.squared_distance(leaves_a, leaves_b))
 
 
 def tree_total(leaves: Iterable[mx.array]) -> mx.array:
