@@ -482,7 +482,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/smollm2-protocol"))
     parser.add_argument("--out", type=Path, help="results path without suffix")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algorithms", nargs="+", default=["fomaml", "reptile"])
+    parser.add_argument("--algorithms", nargs="+", default=["fomaml", "reptile", "maml"])
     parser.add_argument("--reptile-inner-steps", type=int, default=3)
     parser.add_argument("--meta-steps", type=int, default=200)
     parser.add_argument("--multitask-batch", type=int, default=8)

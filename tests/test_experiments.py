@@ -106,6 +106,34 @@ def test_meta_train_lora_timing_reads_every_step(tmp_path):
     assert all(r["seconds"] >= 0 for r in record["rows"])
 
 
+def test_smollm2_protocol_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """The protocol's every stage (meta-training, the multitask adapter, learning rates
+    chosen on validation types, test curves, in context, the report) on a random
+    one-block Llama with a chat template, in seconds."""
+    from metapeft.lm.random_model import save_random_model
+
+    model = tmp_path / "model"
+    save_random_model(model, "llama", hidden_size=32, num_layers=1)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "result"
+    subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "smollm2_protocol.py"), "--model", str(model),
+         "--work-dir", str(tmp_path / "work"), "--out", str(out), "--seeds", "0",
+         "--algorithms", "fomaml", "--meta-steps", "2", "--lrs", "0.0001", "0.001", "0.01",
+         "--test-tasks-per-type", "1"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["algorithm"] == "fomaml" and record["machine"]["commit"]
+    assert "chose fomaml" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_the_packaged_text_tasks_are_what_make_text_tasks_writes(tmp_path):
     subprocess.run(
         [sys.executable, str(EXPERIMENTS / "make_text_tasks.py"), "--out-dir", str(tmp_path)],
