@@ -7,8 +7,9 @@ same episodes: a network trained from random initialisation on the support set,
 and one pretrained as a classifier on all meta-train classes whose hidden layers
 are then fine-tuned with a fresh output layer. Each method's SGD step size is chosen
 from a grid on episodes of the validation classes (the first seed; meta-learners with
-``--tune-steps`` meta-steps), then every seed runs with it. Accuracy is the mean over
-the test episodes of all seeds, with a 95% confidence interval.
+``--tune-steps`` meta-steps), grown by half decades until the best is inside it, then
+every seed runs with it. Accuracy is the mean over the test episodes of all seeds,
+with a 95% confidence interval.
 
 Usage:
     python experiments/digits.py --steps 3000 --seeds 0,1,2 --out results/<machine>/digits
@@ -120,6 +121,25 @@ def accuracies(name: str, shots: int, lr: float, seed: int, steps: int, episodes
     return out["query_metrics"].tolist()
 
 
+def tune(name: str, shots: int, grid: list[float], seed: int, steps: int, val, args):
+    """The step size of best mean validation accuracy, and every step size's score; the
+    grid grows by half decades past whichever end holds the best, until it is inside."""
+    scores: dict[float, float] = {}
+    grid = sorted(grid)
+    while True:
+        for lr in grid:
+            if lr not in scores:
+                mean = float(np.mean(accuracies(name, shots, lr, seed, steps, val, args)))
+                scores[lr] = mean if np.isfinite(mean) else -1.0
+        best = max(scores, key=scores.get)
+        if best == grid[0]:
+            grid.insert(0, best / 10**0.5)
+        elif best == grid[-1]:
+            grid.append(best * 10**0.5)
+        else:
+            return best, scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -139,11 +159,7 @@ def main() -> None:
         for name in [*args.algorithms.split(","), *BASELINES]:
             steps = 0 if name in BASELINES else args.steps
             tune_steps = 0 if name in BASELINES else args.tune_steps
-            scores = {}
-            for lr in grid:
-                mean = float(np.mean(accuracies(name, shots, lr, seeds[0], tune_steps, val, args)))
-                scores[lr] = mean if np.isfinite(mean) else -1.0
-            lr = max(scores, key=scores.get)
+            lr, scores = tune(name, shots, grid, seeds[0], tune_steps, val, args)
             start = time.perf_counter()
             pooled = []
             for seed in seeds:
