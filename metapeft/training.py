@@ -264,10 +264,11 @@ def _run(config: Any, resume: bool, on_step: Any, world: distributed.World) -> d
 
 
 def _agree(world: distributed.World, config: Any, paths: RunPaths, resume: bool) -> None:
-    """Checks, alike on every rank, that the ranks can run together: the meta-batch
-    splits over them, and they were started with the same config (its output and
-    tracking, rank 0's alone, aside) and resume from the same checkpoint."""
-    distributed.check_divisible(config.training.meta_batch_size, world.size)
+    """Checks, alike on every rank, that the ranks can run together: they were started
+    with the same config (its output and tracking, rank 0's alone, aside) and resume
+    from the same checkpoint, and the meta-batch splits over them. The exchange comes
+    first: every rank has then got this far, so each says what is wrong before the
+    first to exit makes the launcher stop the others."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("output", "tracking")}
     start = "a fresh start (no --resume)"
     if resume:
@@ -276,6 +277,7 @@ def _agree(world: distributed.World, config: Any, paths: RunPaths, resume: bool)
         except (OSError, ValueError) as e:
             start = str(e)
     world.agree({"config": json.dumps(settings, sort_keys=True), "starting point": start})
+    distributed.check_divisible(config.training.meta_batch_size, world.size)
 
 
 def _train(
