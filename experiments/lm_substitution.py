@@ -118,8 +118,10 @@ def main() -> None:
         model, args.algorithm, args.inner_lr, args.inner_steps, args.outer_lr, batched=True
     )
     start = time.perf_counter()
-    for _ in range(args.steps):
-        learner.meta_train_step(train.sample(args.meta_batch))
+    for step in range(1, args.steps + 1):
+        metrics = learner.meta_train_step(train.sample(args.meta_batch))
+        if step % 100 == 0 or step == args.steps:
+            print(f"meta-step {step}/{args.steps}: query {metrics['query_loss']:.3f}", flush=True)
     meta_seconds = time.perf_counter() - start
     meta = tree_map(lambda p: p, model.trainable_parameters())
 
