@@ -13,7 +13,8 @@ on every Linear of its blocks. Three initialisations of those adapters:
 
 Held-out tasks are adapted from each by k in {1, 5, 20} SGD steps on their support
 set and scored on their query set. The SGD step size is chosen for each (init, k)
-from a grid, on validation tasks apart from the test tasks; the test tasks and their
+from a grid grown until the choice is inside it, on validation tasks apart from the
+test tasks; the test tasks and their
 episodes are the same for all three. The table gives the mean query loss with a 95%
 confidence interval over tasks and the paired difference to ``meta``.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import tempfile
@@ -77,6 +79,28 @@ def pooled_adapter(model, tasks: lm.TextTasks, init, grad_evals: int, batch: int
 def _loss_with(model, params, x, y):
     model.update(params)
     return lm.lm_loss(model, x, y)
+
+
+def choose_lr(learner, episodes, k: int) -> float:
+    """The SGD step size of lowest mean query loss on ``episodes`` after ``k`` steps,
+    from :data:`LRS` grown by doublings past whichever end holds the best, until the
+    best is inside (a step size that diverges scores infinity)."""
+    grid, scores = list(LRS), {}
+    while True:
+        for lr in grid:
+            if lr not in scores:
+                learner.inner_lr = lr
+                loss = learner.evaluate(episodes, steps=k)["query_loss"]
+                scores[lr] = loss if math.isfinite(loss) else math.inf
+        best = min(scores, key=scores.get)
+        if not 1e-4 < best < 100:
+            raise RuntimeError(f"k={k}: no step size in 1e-4..100 is best: {scores}")
+        if best == grid[0]:
+            grid.insert(0, best / 2)
+        elif best == grid[-1]:
+            grid.append(best * 2)
+        else:
+            return best
 
 
 def main() -> None:
@@ -137,18 +161,15 @@ def main() -> None:
     for init_name, init in (("meta", meta), ("standard", standard), ("pooled", pooled)):
         model.update(init)
         for k in KS:
-            val = {}
-            for lr in LRS:
-                learner.inner_lr = lr
-                val[lr] = learner.evaluate(val_episodes, steps=k)["query_loss"]
-            chosen_lr[init_name, k] = learner.inner_lr = min(val, key=val.get)
+            chosen_lr[init_name, k] = learner.inner_lr = choose_lr(learner, val_episodes, k)
             losses[init_name, k] = learner.evaluate(episodes, steps=k)["query_losses"]
 
     rows = []
     table = [
         f"Query loss (nats/token) on {args.eval_tasks} held-out substitution tasks after k SGD "
         f"steps on {args.shots} support examples; mean ± 95% CI; step size (lr) chosen per "
-        f"cell from {list(LRS)} on {args.val_tasks} validation tasks; Δ = init − meta, paired.",
+        f"cell on {args.val_tasks} validation tasks from {list(LRS)}, grown by doublings "
+        "past the end that held the best until it was inside; Δ = init − meta, paired.",
         "",
         "| init | "
         + " | ".join(f"k={k}" for k in KS)
