@@ -14,9 +14,9 @@ on every Linear of its blocks. Three initialisations of those adapters:
 Held-out tasks are adapted from each by k in {1, 5, 20} SGD steps on their support
 set and scored on their query set. The SGD step size is chosen for each (init, k)
 from a grid grown until the choice is inside it, on validation tasks apart from the
-test tasks; the test tasks and their
-episodes are the same for all three. The table gives the mean query loss with a 95%
-confidence interval over tasks and the paired difference to ``meta``.
+test tasks; the test tasks and their episodes are the same for all three. The table
+gives the mean query loss with a 95% confidence interval over tasks and the paired
+difference to ``meta``.
 
 Usage:
     python experiments/lm_substitution.py --out results/<machine>/lm_substitution
