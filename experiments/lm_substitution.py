@@ -81,10 +81,10 @@ def _loss_with(model, params, x, y):
     return lm.lm_loss(model, x, y)
 
 
-def choose_lr(learner, episodes, k: int) -> float:
+def choose_lr(learner, episodes, k: int) -> tuple[float, dict[float, float]]:
     """The SGD step size of lowest mean query loss on ``episodes`` after ``k`` steps,
     from :data:`LRS` grown by doublings past whichever end holds the best, until the
-    best is inside (a step size that diverges scores infinity)."""
+    best is inside (a step size that diverges scores infinity), and every score."""
     grid, scores = list(LRS), {}
     while True:
         for lr in grid:
@@ -100,7 +100,7 @@ def choose_lr(learner, episodes, k: int) -> float:
         elif best == grid[-1]:
             grid.append(best * 2)
         else:
-            return best
+            return best, scores
 
 
 def main() -> None:
@@ -158,10 +158,12 @@ def main() -> None:
     episodes = held_out.sample(args.eval_tasks)
     losses: dict[tuple[str, int], np.ndarray] = {}
     chosen_lr: dict[tuple[str, int], float] = {}
+    scores: dict[tuple[str, int], dict[float, float]] = {}
     for init_name, init in (("meta", meta), ("standard", standard), ("pooled", pooled)):
         model.update(init)
         for k in KS:
-            chosen_lr[init_name, k] = learner.inner_lr = choose_lr(learner, val_episodes, k)
+            lr, scores[init_name, k] = choose_lr(learner, val_episodes, k)
+            chosen_lr[init_name, k] = learner.inner_lr = lr
             losses[init_name, k] = learner.evaluate(episodes, steps=k)["query_losses"]
 
     rows = []
@@ -192,6 +194,7 @@ def main() -> None:
                     "minus_meta": d_mean,
                     "minus_meta_ci95": d_half,
                     "sgd_lr": chosen_lr[init_name, k],
+                    "validation_loss_by_lr": {str(lr): v for lr, v in scores[init_name, k].items()},
                 }
             )
             cells.append(f"{mean:.3f} ± {half:.3f} (lr {chosen_lr[init_name, k]:g})")
