@@ -372,6 +372,25 @@ mx::array linear_plain(
   return mx::array(shape, dtype, std::make_shared<Linear>(stream, Linear::Form::Plain), inputs);
 }
 
+namespace {
+
+// The outer-product primitive's outputs: {a^T b} or, with `row_sums`, {a^T b, the
+// sums of a's rows}, shaped as Linear::output_shapes says.
+std::vector<mx::array> outer_arrays(
+    const mx::array& a,
+    const mx::array& b,
+    bool per_task,
+    bool row_sums,
+    mx::Stream stream) {
+  auto form = per_task ? Linear::Form::OuterPerTask : Linear::Form::Outer;
+  auto primitive = std::make_shared<Linear>(stream, form, row_sums);
+  auto shapes = primitive->output_shapes({a, b});
+  std::vector<mx::Dtype> dtypes(shapes.size(), result_dtype({a, b}));
+  return mx::array::make_arrays(shapes, dtypes, primitive, {a, b});
+}
+
+} // namespace
+
 mx::array outer_sum(
     const mx::array& a,
     const mx::array& b,
@@ -379,28 +398,19 @@ mx::array outer_sum(
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device == mx::Device::gpu) {
-    // MLX's matmul of the transposed rows.
+    // MLX's matmul of the transposed rows: (T, rows, m) and (T, rows, n), or no T.
     int nd = a.ndim();
-    int m = a.shape(-1), n = b.shape(-1);
-    int T = per_task ? a.shape(0) : 1;
     int rows = prod(a.shape(), per_task ? 1 : 0, nd - 1);
-    mx::Shape a_shape = {m}, b_shape = {n};
-    a_shape.insert(a_shape.begin(), rows);
-    b_shape.insert(b_shape.begin(), rows);
+    mx::Shape a_shape = {rows, a.shape(-1)}, b_shape = {rows, b.shape(-1)};
     if (per_task) {
-      a_shape.insert(a_shape.begin(), T);
-      b_shape.insert(b_shape.begin(), T);
+      a_shape.insert(a_shape.begin(), a.shape(0));
+      b_shape.insert(b_shape.begin(), a.shape(0));
     }
     auto at = mx::swapaxes(mx::reshape(a, a_shape, stream), -1, -2, stream);
     auto bt = mx::swapaxes(mx::reshape(b, b_shape, stream), -1, -2, stream);
     return matmul_affine(at, bt, std::nullopt, result_dtype({a, b}), stream);
   }
-  mx::Shape shape = {a.shape(-1), b.shape(-1)};
-  if (per_task) {
-    shape.insert(shape.begin(), a.shape(0));
-  }
-  auto form = per_task ? Linear::Form::OuterPerTask : Linear::Form::Outer;
-  return mx::array(shape, result_dtype({a, b}), std::make_shared<Linear>(stream, form), {a, b});
+  return outer_arrays(a, b, per_task, false, stream)[0];
 }
 
 std::vector<mx::array> outer_sum_and_rows(
@@ -412,11 +422,7 @@ std::vector<mx::array> outer_sum_and_rows(
   if (stream.device == mx::Device::gpu) {
     return {outer_sum(a, b, per_task, stream), bias_grad(a, per_task, stream)};
   }
-  auto form = per_task ? Linear::Form::OuterPerTask : Linear::Form::Outer;
-  auto primitive = std::make_shared<Linear>(stream, form, true);
-  auto shapes = primitive->output_shapes({a, b});
-  auto dtype = result_dtype({a, b});
-  return mx::array::make_arrays(shapes, {dtype, dtype}, primitive, {a, b});
+  return outer_arrays(a, b, per_task, true, stream);
 }
 
 mx::array bias_grad(const mx::array& g, bool per_task, mx::StreamOrDevice s) {
@@ -448,12 +454,12 @@ std::vector<mx::array> Linear::vjp(
   auto s = stream();
   auto wants = [&](int arg) { return std::find(argnums.begin(), argnums.end(), arg) != argnums.end(); };
   bool per_task = form_ == Form::OuterPerTask || (!outer() && b.ndim() == 3);
-  std::optional<mx::array> weight_grad, bias_grad_;
+  std::optional<mx::array> fused_weight_grad, fused_bias_grad;
   if (form_ == Form::Affine && wants(1) && wants(2) && (primals[2].ndim() == 2) == per_task) {
     // The weight and bias gradients from one node.
     auto both = outer_sum_and_rows(g, a, per_task, s);
-    weight_grad = both[0];
-    bias_grad_ = both[1];
+    fused_weight_grad = both[0];
+    fused_bias_grad = both[1];
   }
   // The cotangent of an outer product's row sums enters as the bias of da.
   std::optional<mx::array> sums_cot;
@@ -468,9 +474,9 @@ std::vector<mx::array> Linear::vjp(
         if (arg == 0) {
           grad = linear_plain(g, b, std::nullopt, s);
         } else if (arg == 1) {
-          grad = weight_grad ? *weight_grad : outer_sum(g, a, per_task, s);
+          grad = fused_weight_grad ? *fused_weight_grad : outer_sum(g, a, per_task, s);
         } else {
-          grad = bias_grad_ ? *bias_grad_ : bias_grad(g, primals[2].ndim() == 2, s);
+          grad = fused_bias_grad ? *fused_bias_grad : bias_grad(g, primals[2].ndim() == 2, s);
         }
         break;
       case Form::Plain: // a @ b + bias

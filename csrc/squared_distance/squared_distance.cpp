@@ -6,8 +6,8 @@ namespace metapeft {
 
 namespace {
 
-[[noreturn]] void fail_leaf(const std::string& msg, size_t leaf, bool dtype = false) {
-  throw LeafError("[metapeft.squared_distance] " + msg, leaf, dtype);
+[[noreturn]] void fail_leaf(const std::string& msg, size_t leaf) {
+  throw LeafError("[metapeft.squared_distance] " + msg, leaf);
 }
 
 // True when b_i is shared by the tasks of a per-task a_i (it has no task axis).
@@ -48,11 +48,8 @@ mx::array make(
   }
   std::vector<mx::array> inputs(a);
   inputs.insert(inputs.end(), b.begin(), b.end());
-  mx::Shape shape;
-  if (per_task) {
-    shape.push_back(a[0].shape(0));
-  }
-  return mx::array(shape, mx::float32, std::make_shared<SquaredDistance>(s, per_task), inputs);
+  auto primitive = std::make_shared<SquaredDistance>(s, per_task);
+  return mx::array(primitive->output_shapes(inputs)[0], mx::float32, primitive, inputs);
 }
 
 } // namespace
