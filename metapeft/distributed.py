@@ -236,9 +236,12 @@ class World:
     @contextmanager
     def reporting_termination(self) -> Iterator[None]:
         """Within the block, SIGTERM (which ``mlx.launch`` sends every rank once one has
-        failed) raises :class:`DistributedError` naming the lost rank, so that a rank
-        says why it stops. Only in the main thread of a world of several ranks; a rank
-        blocked in a collective meanwhile is ended by its deadline instead."""
+        exited) raises :class:`DistributedError` naming the lost rank, so that a rank
+        says why it stops. If the block ends with an error, a later SIGTERM no longer
+        kills the process at once, which could cut short its report of that error: the
+        process then exits within :attr:`timeout` seconds. Only in the main thread of a
+        world of several ranks; a rank blocked in a collective meanwhile is ended by its
+        deadline instead."""
         if self.size == 1 or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -246,10 +249,19 @@ class World:
         def terminated(signum: int, frame: Any) -> None:  # noqa: ARG001
             raise DistributedError(f"stopped by SIGTERM; {self.lost()}")
 
+        def reporting(signum: int, frame: Any) -> None:  # noqa: ARG001
+            message = f"{self.name}: stopped by SIGTERM while it reported an error"
+            timer = threading.Timer(self.timeout, _exit_with, [message])
+            timer.daemon = True
+            timer.start()
+
         previous = signal.signal(signal.SIGTERM, terminated)
         try:
             yield
-        finally:
+        except BaseException:
+            signal.signal(signal.SIGTERM, reporting)
+            raise
+        else:
             signal.signal(signal.SIGTERM, previous)
 
     def any(self, flag: bool, what: str) -> bool:

@@ -109,6 +109,43 @@ def test_one_process_is_a_world_of_one_that_calls_no_collective(tmp_path, monkey
     world.agree({"config": "anything"})
 
 
+REPORTING = """
+import os, signal, sys, time
+from types import SimpleNamespace
+from metapeft.distributed import DistributedError, World
+
+world = World(SimpleNamespace(rank=lambda: 0, size=lambda: 2), "ring", timeout=1.0)
+try:
+    with world.reporting_termination():
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's, during training
+        time.sleep(5)
+except DistributedError as e:
+    print("raised:", e, flush=True)
+try:
+    with world.reporting_termination():
+        raise ValueError("this rank's own error")
+except ValueError as e:
+    os.kill(os.getpid(), signal.SIGTERM)  # the launcher's, while the rank reports
+    time.sleep(0.2)
+    print("reported:", e, flush=True)
+time.sleep(60)  # a rank that hangs after its report
+"""
+
+
+def test_sigterm_names_the_lost_rank_and_does_not_cut_short_a_report():
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", REPORTING], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.splitlines() == [
+        "raised: stopped by SIGTERM; lost rank 1",
+        "reported: this rank's own error",
+    ], result.stderr
+    assert "error: rank 0/2: stopped by SIGTERM while it reported an error" in result.stderr
+    assert result.returncode == 1
+    assert time.monotonic() - start < 30  # its timeout, not the 60 s hang
+
+
 # ------------------------------------------------------------ real launches
 
 
