@@ -13,8 +13,10 @@ Each implementation is also timed alone in a process of its own (median of five
 steps after a first), in the conditions of the benchmarks: implementations timed in
 turns in one process slow each other through the caches and the threads they leave.
 
-The roofline is the step's GFLOP of matrix products (``step_gflop``) over the BLAS's
-rate on a 2048^3 product (``ops.linear``), measured in the same run.
+Two rooflines, both measured in the same run: the step's GFLOP of matrix products
+(``step_products``) at the BLAS's rate on a 2048^3 product (``ops.linear``); and the
+time the BLAS takes for those very products at their own shapes, each run alone
+through ``ops.linear`` (median of 7) and the times summed.
 
 Usage:
     python experiments/real_model_speed.py --shape smollm2-135m --out results/<machine>/real_model
@@ -29,6 +31,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -59,6 +62,30 @@ def blas_rate() -> float:
         mx.eval(ops.linear(a, b))
         times.append(time.perf_counter() - start)
     return 2 * 2048**3 / sorted(times[2:])[5] / 1e9
+
+
+def passes(kind: str, args: argparse.Namespace) -> list[int]:
+    """Tokens of each LoRA forward+backward pass in a step: one for the LoRA step; for
+    the meta-step, the support pass and the query pass (every task's adapters as one)."""
+    if kind == "lora fwd+bwd":
+        return [args.batch * args.length]
+    return [args.tasks * args.shots * args.meta_length] * 2
+
+
+def products_alone(products: list[tuple[int, int, int]]) -> float:
+    """Seconds the BLAS takes for ``products`` ``(m, k, n)``: each distinct shape run
+    alone through ops.linear (median of 7 after 2), times how often it occurs."""
+    total = 0.0
+    for (m, k, n), count in Counter(products).items():
+        x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+        mx.eval(x, w)
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            mx.eval(ops.linear(x, w))
+            times.append(time.perf_counter() - start)
+        total += count * sorted(times[2:])[3]
+    return total
 
 
 def _status(field: str) -> int:
@@ -140,12 +167,9 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         impls = (args.lora_impls if kind == "lora fwd+bwd" else args.meta_impls).split(",")
-        tokens = (
-            args.batch * args.length
-            if kind == "lora fwd+bwd"
-            else 2 * args.tasks * args.shots * args.meta_length
-        )
-        gflop = real_model.step_gflop(args.shape, tokens)
+        products = [p for t in passes(kind, args) for p in real_model.step_products(args.shape, t)]
+        gflop = sum(2 * m * k * n for m, k, n in products) / 1e9
+        alone_products = products_alone(products)
         print(f"{kind}: building {', '.join(impls)}", flush=True)
         fns = {impl: build(kind, args.shape, impl, args) for impl in impls}
         ops_ = runner.measure_interleaved(kind, fns, repeat=args.repeat, warmup=1)
@@ -158,6 +182,7 @@ def main() -> None:
                 "median_s": seconds,
                 "gflop": gflop,
                 "roofline_s": gflop / rate,
+                "products_alone_s": alone_products,
                 "vs_fused": seconds / medians["fused"],
             }
             if not args.no_memory:
@@ -171,11 +196,14 @@ def main() -> None:
         f"T={args.tasks}, {args.shots}+{args.shots} sequences of {args.meta_length} tokens; "
         f"{rows[0]['gflop'] if rows else 0:.1f} and {rows[-1]['gflop'] if rows else 0:.1f} GFLOP "
         f"of products. BLAS ({blas.name()}) {rate:.0f} GFLOP/s (2048^3); the roofline is the "
-        f"GFLOP at that rate. Conditions: {conditions}",
+        f"GFLOP at that rate. The same products run alone through ops.linear, each at its "
+        f"shape, take {rows[0]['products_alone_s'] if rows else 0:.3f} s and "
+        f"{rows[-1]['products_alone_s'] if rows else 0:.3f} s. Conditions: {conditions}",
         "",
-        "| step | implementation | median in turns | x roofline | time / fused's | "
-        "alone | alone / fused alone | peak memory above start | peak memory |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| step | implementation | median in turns | x roofline | x products alone | "
+        "time / fused's | alone | alone / fused alone | peak memory above start | "
+        "peak memory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         above, total, alone = (
@@ -187,7 +215,8 @@ def main() -> None:
         )
         table.append(
             f"| {r['kind']} | {r['impl']} | {r['median_s']:.3f} s | "
-            f"{r['median_s'] / r['roofline_s']:.2f} | {r['vs_fused']:.2f} | "
+            f"{r['median_s'] / r['roofline_s']:.2f} | "
+            f"{r['median_s'] / r['products_alone_s']:.2f} | {r['vs_fused']:.2f} | "
             f"{'-' if alone is None else f'{alone:.3f} s'} | "
             f"{'-' if alone is None or not fused_alone else f'{alone / fused_alone:.2f}'} | "
             f"{'-' if above is None else f'{above / 1e6:.0f} MB'} | "

@@ -11,6 +11,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from metapeft import BenchmarkRunner, machine, reference
@@ -381,6 +382,21 @@ def test_real_model_meta_step_gives_the_query_loss_of_a_random_model(impl):
 def test_real_model_step_gflop_matches_the_known_count():
     # One SmolLM2-135M LoRA step over 4 x 64 tokens is about 140 GFLOP of products.
     assert 130 < real_model.step_gflop("smollm2-135m", 256) < 145
+
+
+def test_real_model_step_products_take_each_weight_twice_and_each_adapter_three_times():
+    # Frozen weights: forward, and the input gradient; adapters: forward, and the
+    # gradients of their input and of themselves. Counted on the model itself.
+    flat = tree_flatten(real_model.mlx_model("tiny").parameters())
+    frozen = sum(v.size for k, v in flat if k.endswith(("proj.weight", "embed_tokens.weight")))
+    adapted = ("q_proj.weight", "v_proj.weight")
+    adapters = sum(real_model.RANK * sum(v.shape) for k, v in flat if k.endswith(adapted))
+    tokens = 10
+    products = real_model.step_products("tiny", tokens)
+    assert sum(2 * m * k * n for m, k, n in products) == 2 * tokens * (2 * frozen + 3 * adapters)
+    assert real_model.step_gflop("tiny", tokens) * 1e9 == pytest.approx(
+        2 * tokens * (2 * frozen + 3 * adapters)
+    )
 
 
 @pytest.mark.skipif("jax" not in peers.installed(), reason="jax is not installed")
