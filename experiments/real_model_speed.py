@@ -15,8 +15,8 @@ turns in one process slow each other through the caches and the threads they lea
 
 Two rooflines, both measured in the same run: the step's GFLOP of matrix products
 (``step_products``) at the BLAS's rate on a 2048^3 product (``ops.linear``); and the
-time the BLAS takes for those very products at their own shapes, each run alone
-through ``ops.linear`` (median of 7) and the times summed.
+time the BLAS takes for those very products alone, at their shapes and in order, each
+weight one array as in the model (``products_alone``).
 
 Usage:
     python experiments/real_model_speed.py --shape smollm2-135m --out results/<machine>/real_model
@@ -31,7 +31,6 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,20 +71,28 @@ def passes(kind: str, args: argparse.Namespace) -> list[int]:
     return [args.tasks * args.shots * args.meta_length] * 2
 
 
-def products_alone(products: list[tuple[int, int, int]]) -> float:
-    """Seconds the BLAS takes for ``products`` ``(m, k, n)``: each distinct shape run
-    alone through ops.linear (median of 7 after 2), times how often it occurs."""
-    total = 0.0
-    for (m, k, n), count in Counter(products).items():
-        x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
-        mx.eval(x, w)
-        times = []
-        for _ in range(9):
-            start = time.perf_counter()
-            mx.eval(ops.linear(x, w))
-            times.append(time.perf_counter() - start)
-        total += count * sorted(times[2:])[3]
-    return total
+def products_alone(products: list[real_model.Product]) -> float:
+    """Seconds the BLAS takes for ``products`` alone: all of them through ops.linear in
+    one evaluation, each weight one array as in the model (median of 5 after 1)."""
+    weights: dict[str, mx.array] = {}
+    activations: dict[tuple[int, int], mx.array] = {}  # one per shape
+    operands = []
+    for p in products:
+        x = activations.setdefault((p.m, p.k), mx.random.normal((p.m, p.k)))
+        if p.weight is None:
+            w = activations.setdefault((p.n, p.k), mx.random.normal((p.n, p.k)))
+        else:
+            stored = (p.k, p.n) if p.transposed else (p.n, p.k)
+            w = weights.setdefault(p.weight, mx.random.normal(stored))
+            w = w.T if p.transposed else w
+        operands.append((x, w))
+    mx.eval([*weights.values(), *activations.values()])
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        mx.eval([ops.linear(x, w) for x, w in operands])
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[2]
 
 
 def _status(field: str) -> int:
@@ -168,7 +175,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         impls = (args.lora_impls if kind == "lora fwd+bwd" else args.meta_impls).split(",")
         products = [p for t in passes(kind, args) for p in real_model.step_products(args.shape, t)]
-        gflop = sum(2 * m * k * n for m, k, n in products) / 1e9
+        gflop = sum(2 * p.m * p.k * p.n for p in products) / 1e9
         alone_products = products_alone(products)
         print(f"{kind}: building {', '.join(impls)}", flush=True)
         fns = {impl: build(kind, args.shape, impl, args) for impl in impls}
@@ -196,8 +203,8 @@ def main() -> None:
         f"T={args.tasks}, {args.shots}+{args.shots} sequences of {args.meta_length} tokens; "
         f"{rows[0]['gflop'] if rows else 0:.1f} and {rows[-1]['gflop'] if rows else 0:.1f} GFLOP "
         f"of products. BLAS ({blas.name()}) {rate:.0f} GFLOP/s (2048^3); the roofline is the "
-        f"GFLOP at that rate. The same products run alone through ops.linear, each at its "
-        f"shape, take {rows[0]['products_alone_s'] if rows else 0:.3f} s and "
+        f"GFLOP at that rate. The same products alone on the BLAS, at their shapes and with "
+        f"the model's weights, take {rows[0]['products_alone_s'] if rows else 0:.3f} s and "
         f"{rows[-1]['products_alone_s'] if rows else 0:.3f} s. Conditions: {conditions}",
         "",
         "| step | implementation | median in turns | x roofline | x products alone | "

@@ -393,7 +393,12 @@ def test_real_model_step_products_take_each_weight_twice_and_each_adapter_three_
     adapters = sum(real_model.RANK * sum(v.shape) for k, v in flat if k.endswith(adapted))
     tokens = 10
     products = real_model.step_products("tiny", tokens)
-    assert sum(2 * m * k * n for m, k, n in products) == 2 * tokens * (2 * frozen + 3 * adapters)
+    assert sum(2 * p.m * p.k * p.n for p in products) == 2 * tokens * (2 * frozen + 3 * adapters)
+    stored = {}  # a weight is one array however a product takes it
+    for p in products:
+        if p.weight is not None:
+            shape = (p.k, p.n) if p.transposed else (p.n, p.k)
+            assert stored.setdefault(p.weight, shape) == shape, p
     assert real_model.step_gflop("tiny", tokens) * 1e9 == pytest.approx(
         2 * tokens * (2 * frozen + 3 * adapters)
     )

@@ -19,12 +19,12 @@ Each returns a function that runs one step to completion.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["SHAPES", "lora_step", "meta_step", "step_gflop", "step_products"]
+__all__ = ["SHAPES", "Product", "lora_step", "meta_step", "step_gflop", "step_products"]
 
 # Hugging Face config fields of each architecture (Llama family, tied embeddings).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -80,30 +80,55 @@ RANK, ALPHA = 8, 16.0
 INNER_LR, OUTER_LR = 0.01, 1e-3
 
 
-def step_products(shape: str, tokens: int) -> list[tuple[int, int, int]]:
-    """The matrix products ``(m, k, n)`` (an ``m x k`` matrix times a ``k x n`` one) of
-    one LoRA forward and backward pass over ``tokens`` tokens: each frozen product
-    forward and its input gradient backward (the tied output layer's too), and the
-    adapters' two products forward and four backward. Attention's own products
-    (about 2.5% of the FLOPs at 64 tokens a sequence) are not among them."""
+class Product(NamedTuple):
+    """An ``m x k`` matrix times a ``k x n`` one. The second operand is the weight
+    ``weight``, stored ``(n, k)`` (or ``(k, n)`` and used transposed, when
+    ``transposed``), as :func:`metapeft.ops.linear` takes it; ``None`` if it is an
+    activation (an adapter's weight gradient)."""
+
+    m: int
+    k: int
+    n: int
+    weight: str | None = None
+    transposed: bool = False
+
+
+def step_products(shape: str, tokens: int) -> list[Product]:
+    """The matrix products of one LoRA forward and backward pass over ``tokens``
+    tokens, in order: each frozen product forward, the adapters' two products forward,
+    then, backward, each frozen weight's input gradient and the adapters' four
+    products. Attention's own products (about 2.5% of the FLOPs at 64 tokens a
+    sequence) are not among them."""
     c = SHAPES[shape]
     d, hd, hidden = c["hidden_size"], c["head_dim"], c["intermediate_size"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    layers = c["num_hidden_layers"]
-    block = [(d, q), (d, kv), (d, kv), (q, d), (d, hidden), (d, hidden), (hidden, d)]
-    products = []
-    for d_in, d_out in [*block * layers, (d, c["vocab_size"])]:
-        products += [(tokens, d_in, d_out), (tokens, d_out, d_in)]
-    for d_in, d_out in [(d, q), (d, kv)] * layers:  # q_proj's and v_proj's adapters
-        products += [(tokens, d_in, RANK), (tokens, RANK, d_out)]  # x @ A, (x @ A) @ B
-        products += [(RANK, tokens, d_out), (tokens, d_out, RANK)]  # dB, d(x @ A)
-        products += [(d_in, tokens, RANK), (tokens, RANK, d_in)]  # dA, dx
-    return products
+    block = {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, hidden),
+        "up_proj": (d, hidden),
+        "down_proj": (hidden, d),
+    }
+    frozen = [(f"{i}.{k}", io) for i in range(c["num_hidden_layers"]) for k, io in block.items()]
+    frozen.append(("head", (d, c["vocab_size"])))
+    adapted = [(name, io) for name, io in frozen if name.endswith(("q_proj", "v_proj"))]
+    forward, backward = [], []
+    for name, (d_in, d_out) in frozen:
+        forward.append(Product(tokens, d_in, d_out, name))
+        backward.append(Product(tokens, d_out, d_in, name, transposed=True))
+    for name, (d_in, d_out) in adapted:  # lora_a (d_in, r), lora_b (r, d_out), as mlx-lm
+        a, b = f"{name}.lora_a", f"{name}.lora_b"
+        forward += [Product(tokens, d_in, RANK, a, True), Product(tokens, RANK, d_out, b, True)]
+        backward += [Product(RANK, tokens, d_out), Product(tokens, d_out, RANK, b)]  # dB, d(xA)
+        backward += [Product(d_in, tokens, RANK), Product(tokens, RANK, d_in, a)]  # dA, dx
+    return forward + backward
 
 
 def step_gflop(shape: str, tokens: int) -> float:
     """GFLOP of :func:`step_products`: the roofline's numerator."""
-    return sum(2 * m * k * n for m, k, n in step_products(shape, tokens)) / 1e9
+    return sum(2 * p.m * p.k * p.n for p in step_products(shape, tokens)) / 1e9
 
 
 def _tokens(rows: int, length: int, vocab: int, seed: int) -> np.ndarray:
