@@ -16,7 +16,8 @@ turns in one process slow each other through the caches and the threads they lea
 Two rooflines, both measured in the same run: the step's GFLOP of matrix products
 (``step_products``) at the BLAS's rate on a 2048^3 product (``ops.linear``); and the
 time the BLAS takes for those very products alone, at their shapes and in order, each
-weight one array as in the model (``products_alone``).
+weight one array as in the model (``products_alone``), measured in the main process
+before any step: the step alone against it is the ratio to quote.
 
 Usage:
     python experiments/real_model_speed.py --shape smollm2-135m --out results/<machine>/real_model
@@ -208,14 +209,15 @@ def main() -> None:
         f"{rows[-1]['products_alone_s'] if rows else 0:.3f} s. Conditions: {conditions}",
         "",
         "| step | implementation | median in turns | x roofline | x products alone | "
-        "time / fused's | alone | alone / fused alone | peak memory above start | "
-        "peak memory |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "time / fused's | alone | alone x products alone | alone / fused alone | "
+        "peak memory above start | peak memory |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         above, total, alone = (
             r.get(k) for k in ("peak_above_start_bytes", "peak_bytes", "alone_s")
         )
+        products = r["products_alone_s"]
         fused_alone = next(
             (x.get("alone_s") for x in rows if x["kind"] == r["kind"] and x["impl"] == "fused"),
             None,
@@ -225,6 +227,7 @@ def main() -> None:
             f"{r['median_s'] / r['roofline_s']:.2f} | "
             f"{r['median_s'] / r['products_alone_s']:.2f} | {r['vs_fused']:.2f} | "
             f"{'-' if alone is None else f'{alone:.3f} s'} | "
+            f"{'-' if alone is None else f'{alone / products:.2f}'} | "
             f"{'-' if alone is None or not fused_alone else f'{alone / fused_alone:.2f}'} | "
             f"{'-' if above is None else f'{above / 1e6:.0f} MB'} | "
             f"{'-' if total is None else f'{total / 1e6:.0f} MB'} |"
