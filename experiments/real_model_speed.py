@@ -13,11 +13,12 @@ Each implementation is also timed alone in a process of its own (median of five
 steps after a first), in the conditions of the benchmarks: implementations timed in
 turns in one process slow each other through the caches and the threads they leave.
 
-Two rooflines, both measured in the same run: the step's GFLOP of matrix products
-(``step_products``) at the BLAS's rate on a 2048^3 product (``ops.linear``); and the
-time the BLAS takes for those very products alone, at their shapes and in order, each
-weight one array as in the model (``products_alone``), measured in the main process
-before any step: the step alone against it is the ratio to quote.
+Two rooflines: the step's GFLOP of matrix products (``step_products``) at the BLAS's
+rate on a 2048^3 product (``ops.linear``), measured in the same run; and the time the
+BLAS takes for those very products alone, at their shapes and in order, each weight
+one array as in the model (``blas_products``), timed in turns with the step in the
+process that times it alone: the ratio of the two is robust to the machine's speed
+drifting during the run.
 
 Usage:
     python experiments/real_model_speed.py --shape smollm2-135m --out results/<machine>/real_model
@@ -32,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,9 +74,9 @@ def passes(kind: str, args: argparse.Namespace) -> list[int]:
     return [args.tasks * args.shots * args.meta_length] * 2
 
 
-def products_alone(products: list[real_model.Product]) -> float:
-    """Seconds the BLAS takes for ``products`` alone: all of them through ops.linear in
-    one evaluation, each weight one array as in the model (median of 5 after 1)."""
+def blas_products(products: list[real_model.Product]) -> Callable[[], None]:
+    """A function that runs ``products`` alone on the BLAS: all of them through
+    ops.linear in one evaluation, each weight one array as in the model."""
     weights: dict[str, mx.array] = {}
     activations: dict[tuple[int, int], mx.array] = {}  # one per shape
     operands = []
@@ -88,12 +90,7 @@ def products_alone(products: list[real_model.Product]) -> float:
             w = w.T if p.transposed else w
         operands.append((x, w))
     mx.eval([*weights.values(), *activations.values()])
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        mx.eval([ops.linear(x, w) for x, w in operands])
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[2]
+    return lambda: mx.eval([ops.linear(x, w) for x, w in operands])
 
 
 def _status(field: str) -> int:
@@ -124,15 +121,19 @@ def measure_memory(kind: str, shape: str, impl: str, args: argparse.Namespace) -
 
 
 def time_alone(kind: str, shape: str, impl: str, args: argparse.Namespace) -> dict:
-    """In this process: the median seconds of five steps after a first."""
+    """In this process, in turns after a first call of each: the median seconds of five
+    steps, and of five runs of the step's products alone on the BLAS."""
     step = build(kind, shape, impl, args)
-    mx.eval(step())
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        mx.eval(step())
-        times.append(time.perf_counter() - start)
-    return {"alone_s": sorted(times)[2]}
+    products = [p for t in passes(kind, args) for p in real_model.step_products(shape, t)]
+    fns = {"alone_s": lambda: mx.eval(step()), "products_alone_s": blas_products(products)}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(6):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[2] for name, values in times.items()}
 
 
 def in_subprocess(mode: str, kind: str, shape: str, impl: str, args: argparse.Namespace) -> dict:
@@ -177,7 +178,6 @@ def main() -> None:
         impls = (args.lora_impls if kind == "lora fwd+bwd" else args.meta_impls).split(",")
         products = [p for t in passes(kind, args) for p in real_model.step_products(args.shape, t)]
         gflop = sum(2 * p.m * p.k * p.n for p in products) / 1e9
-        alone_products = products_alone(products)
         print(f"{kind}: building {', '.join(impls)}", flush=True)
         fns = {impl: build(kind, args.shape, impl, args) for impl in impls}
         ops_ = runner.measure_interleaved(kind, fns, repeat=args.repeat, warmup=1)
@@ -190,7 +190,6 @@ def main() -> None:
                 "median_s": seconds,
                 "gflop": gflop,
                 "roofline_s": gflop / rate,
-                "products_alone_s": alone_products,
                 "vs_fused": seconds / medians["fused"],
             }
             if not args.no_memory:
@@ -204,31 +203,31 @@ def main() -> None:
         f"T={args.tasks}, {args.shots}+{args.shots} sequences of {args.meta_length} tokens; "
         f"{rows[0]['gflop'] if rows else 0:.1f} and {rows[-1]['gflop'] if rows else 0:.1f} GFLOP "
         f"of products. BLAS ({blas.name()}) {rate:.0f} GFLOP/s (2048^3); the roofline is the "
-        f"GFLOP at that rate. The same products alone on the BLAS, at their shapes and with "
-        f"the model's weights, take {rows[0]['products_alone_s'] if rows else 0:.3f} s and "
-        f"{rows[-1]['products_alone_s'] if rows else 0:.3f} s. Conditions: {conditions}",
+        "GFLOP at that rate. Alone, each implementation's step is timed in a process of its "
+        "own, in turns with the step's products alone on the BLAS (at their shapes, with "
+        f"the model's weights). Conditions: {conditions}",
         "",
-        "| step | implementation | median in turns | x roofline | x products alone | "
-        "time / fused's | alone | alone x products alone | alone / fused alone | "
+        "| step | implementation | median in turns | x roofline | time / fused's | alone | "
+        "alone / fused alone | its products alone | alone x products alone | "
         "peak memory above start | peak memory |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        above, total, alone = (
-            r.get(k) for k in ("peak_above_start_bytes", "peak_bytes", "alone_s")
+        above, total, alone, products = (
+            r.get(k)
+            for k in ("peak_above_start_bytes", "peak_bytes", "alone_s", "products_alone_s")
         )
-        products = r["products_alone_s"]
         fused_alone = next(
             (x.get("alone_s") for x in rows if x["kind"] == r["kind"] and x["impl"] == "fused"),
             None,
         )
         table.append(
             f"| {r['kind']} | {r['impl']} | {r['median_s']:.3f} s | "
-            f"{r['median_s'] / r['roofline_s']:.2f} | "
-            f"{r['median_s'] / r['products_alone_s']:.2f} | {r['vs_fused']:.2f} | "
+            f"{r['median_s'] / r['roofline_s']:.2f} | {r['vs_fused']:.2f} | "
             f"{'-' if alone is None else f'{alone:.3f} s'} | "
-            f"{'-' if alone is None else f'{alone / products:.2f}'} | "
             f"{'-' if alone is None or not fused_alone else f'{alone / fused_alone:.2f}'} | "
+            f"{'-' if products is None else f'{products:.3f} s'} | "
+            f"{'-' if alone is None or products is None else f'{alone / products:.2f}'} | "
             f"{'-' if above is None else f'{above / 1e6:.0f} MB'} | "
             f"{'-' if total is None else f'{total / 1e6:.0f} MB'} |"
         )
