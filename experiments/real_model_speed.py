@@ -176,8 +176,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         impls = (args.lora_impls if kind == "lora fwd+bwd" else args.meta_impls).split(",")
-        products = [p for t in passes(kind, args) for p in real_model.step_products(args.shape, t)]
-        gflop = sum(2 * p.m * p.k * p.n for p in products) / 1e9
+        gflop = sum(real_model.step_gflop(args.shape, t) for t in passes(kind, args))
         print(f"{kind}: building {', '.join(impls)}", flush=True)
         fns = {impl: build(kind, args.shape, impl, args) for impl in impls}
         ops_ = runner.measure_interleaved(kind, fns, repeat=args.repeat, warmup=1)

@@ -392,16 +392,15 @@ def test_real_model_step_products_take_each_weight_twice_and_each_adapter_three_
     adapted = ("q_proj.weight", "v_proj.weight")
     adapters = sum(real_model.RANK * sum(v.shape) for k, v in flat if k.endswith(adapted))
     tokens = 10
+    flops = 2 * tokens * (2 * frozen + 3 * adapters)
     products = real_model.step_products("tiny", tokens)
-    assert sum(2 * p.m * p.k * p.n for p in products) == 2 * tokens * (2 * frozen + 3 * adapters)
+    assert sum(2 * p.m * p.k * p.n for p in products) == flops
     stored = {}  # a weight is one array however a product takes it
     for p in products:
         if p.weight is not None:
             shape = (p.k, p.n) if p.transposed else (p.n, p.k)
             assert stored.setdefault(p.weight, shape) == shape, p
-    assert real_model.step_gflop("tiny", tokens) * 1e9 == pytest.approx(
-        2 * tokens * (2 * frozen + 3 * adapters)
-    )
+    assert real_model.step_gflop("tiny", tokens) * 1e9 == pytest.approx(flops)
 
 
 @pytest.mark.skipif("jax" not in peers.installed(), reason="jax is not installed")
