@@ -63,10 +63,13 @@ METAPEFT_INLINE void store(float* p, Vec v, int64_t n) {
 }
 
 // exp(x) within 2 ulp (Cephes' polynomial on x - n ln 2); 0 below -87.33 (and
-// for -inf), +inf above 88.72, NaN for NaN.
+// for -inf), +inf above 88.72, NaN for NaN. Lanes below -87.33 are worked out at
+// 0, not at -87.33: there the product below comes out subnormal, and a subnormal
+// result costs x86 a microcode assist of about a hundred cycles per instruction
+// (the softmax of a wide vocabulary has most of its lanes down there).
 METAPEFT_INLINE Vec vec_exp(Vec x) {
   constexpr float lo = -87.3365447504f, hi = 88.7228391117f;
-  Vec c = select(x < lo, splat(lo), x);
+  Vec c = select(x < lo, Vec{}, x);
   c = select(c > hi, splat(hi), c);
   Vec t = c * 1.44269504088896341f + 0.5f;
   Vec n = __builtin_convertvector(__builtin_convertvector(t, IVec), Vec);
@@ -128,6 +131,17 @@ METAPEFT_INLINE float exp_sum(const float* x, float* y, int64_t n, float scale, 
     sum += acc[l];
   }
   return sum;
+}
+
+// y[j] *= inv for j < n, for exps y[j] (each at most 1) whose sum is 1 / inv; those
+// that would come out subnormal come out 0 instead, for the reason vec_exp gives.
+METAPEFT_INLINE void normalize(float* y, int64_t n, float inv) {
+  Vec least = splat(std::numeric_limits<float>::min() / inv);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    int64_t left = n - j;
+    Vec v = load(y + j, left, 0.0f);
+    store(y + j, select(v < least, Vec{}, v) * inv, left);
+  }
 }
 
 // Registers a kernel's arrays with the CPU command encoder of `stream`, first

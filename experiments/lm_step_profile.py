@@ -161,8 +161,7 @@ def main() -> None:
         del step
         parts = {k: passes * v for k, v in pieces(model, args.shape, seqs, length).items()}
         parts["the rest (graph, copies, updates)"] = total - sum(parts.values())
-        tokens = passes * seqs * length
-        gflop = real_model.step_gflop(args.shape, tokens)
+        gflop = passes * real_model.step_gflop(args.shape, seqs, length)
         rows.append({"step": name, "seconds": total, "gflop": gflop, "pieces": parts})
         table += [
             f"**{name}** ({passes} x {seqs} x {length} tokens): {total:.3f} s; "

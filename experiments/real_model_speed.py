@@ -66,24 +66,26 @@ def blas_rate() -> float:
     return 2 * 2048**3 / sorted(times[2:])[5] / 1e9
 
 
-def passes(kind: str, args: argparse.Namespace) -> list[int]:
-    """Tokens of each LoRA forward+backward pass in a step: one for the LoRA step; for
-    the meta-step, the support pass and the query pass (every task's adapters as one)."""
+def passes(kind: str, args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(sequences, tokens each) of each LoRA forward+backward pass in a step: one for
+    the LoRA step; for the meta-step, the support pass and the query pass (every task's
+    adapters as one)."""
     if kind == "lora fwd+bwd":
-        return [args.batch * args.length]
-    return [args.tasks * args.shots * args.meta_length] * 2
+        return [(args.batch, args.length)]
+    return [(args.tasks * args.shots, args.meta_length)] * 2
 
 
 def blas_products(products: list[real_model.Product]) -> Callable[[], None]:
     """A function that runs ``products`` alone on the BLAS: all of them through
     ops.linear in one evaluation, each weight one array as in the model."""
     weights: dict[str, mx.array] = {}
-    activations: dict[tuple[int, int], mx.array] = {}  # one per shape
+    activations: dict[tuple[int, ...], mx.array] = {}  # one per shape
     operands = []
     for p in products:
-        x = activations.setdefault((p.m, p.k), mx.random.normal((p.m, p.k)))
+        batch = (p.batch,) if p.batch > 1 else ()
+        x = activations.setdefault((*batch, p.m, p.k), mx.random.normal((*batch, p.m, p.k)))
         if p.weight is None:
-            w = activations.setdefault((p.n, p.k), mx.random.normal((p.n, p.k)))
+            w = activations.setdefault((*batch, p.n, p.k), mx.random.normal((*batch, p.n, p.k)))
         else:
             stored = (p.k, p.n) if p.transposed else (p.n, p.k)
             w = weights.setdefault(p.weight, mx.random.normal(stored))
@@ -124,7 +126,7 @@ def time_alone(kind: str, shape: str, impl: str, args: argparse.Namespace) -> di
     """In this process, in turns after a first call of each: the median seconds of five
     steps, and of five runs of the step's products alone on the BLAS."""
     step = build(kind, shape, impl, args)
-    products = [p for t in passes(kind, args) for p in real_model.step_products(shape, t)]
+    products = [p for n in passes(kind, args) for p in real_model.step_products(shape, *n)]
     fns = {"alone_s": lambda: mx.eval(step()), "products_alone_s": blas_products(products)}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(6):
@@ -176,7 +178,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         impls = (args.lora_impls if kind == "lora fwd+bwd" else args.meta_impls).split(",")
-        gflop = sum(real_model.step_gflop(args.shape, t) for t in passes(kind, args))
+        gflop = sum(real_model.step_gflop(args.shape, *n) for n in passes(kind, args))
         print(f"{kind}: building {', '.join(impls)}", flush=True)
         fns = {impl: build(kind, args.shape, impl, args) for impl in impls}
         ops_ = runner.measure_interleaved(kind, fns, repeat=args.repeat, warmup=1)

@@ -249,10 +249,11 @@ def linear_cross_entropy(
 
     The loss of a language model from its last hidden states ``x`` and its output
     layer ``weight`` (an ``lm_head``, or the tied embeddings). The ``(rows, V)``
-    logits are made and consumed a block of rows at a time, and the gradient with
-    respect to ``x`` is made in the same pass (so the forward pass costs two
-    products, the backward pass none): a 49,152-word vocabulary over 256 rows
-    holds 16 MB instead of the logits' 50 MB and their gradient's 50 MB. The
+    logits are made and consumed a block of vocabulary columns at a time (an online
+    softmax), and the gradient with respect to ``x`` is made in the same pass (so
+    the forward pass costs two products, the backward pass none): a 49,152-word
+    vocabulary over 256 rows holds 16 MB instead of the logits' 50 MB and their
+    gradient's 50 MB. The
     gradient with respect to ``weight``, and second order, hold the logits, as the
     unfused ops do. Masking is the caller's: multiply the result by a mask.
 

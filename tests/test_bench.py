@@ -381,26 +381,32 @@ def test_real_model_meta_step_gives_the_query_loss_of_a_random_model(impl):
 
 def test_real_model_step_gflop_matches_the_known_count():
     # One SmolLM2-135M LoRA step over 4 x 64 tokens is about 140 GFLOP of products.
-    assert 130 < real_model.step_gflop("smollm2-135m", 256) < 145
+    assert 130 < real_model.step_gflop("smollm2-135m", 4, 64) < 145
 
 
 def test_real_model_step_products_take_each_weight_twice_and_each_adapter_three_times():
     # Frozen weights: forward, and the input gradient; adapters: forward, and the
-    # gradients of their input and of themselves. Counted on the model itself.
-    flat = tree_flatten(real_model.mlx_model("tiny").parameters())
+    # gradients of their input and of themselves; attention: two products of every
+    # query head with the keys or values of its sequence, forward, and four backward.
+    # Counted on the model itself.
+    model = real_model.mlx_model("tiny")
+    flat = tree_flatten(model.parameters())
     frozen = sum(v.size for k, v in flat if k.endswith(("proj.weight", "embed_tokens.weight")))
     adapted = ("q_proj.weight", "v_proj.weight")
     adapters = sum(real_model.RANK * sum(v.shape) for k, v in flat if k.endswith(adapted))
-    tokens = 10
-    flops = 2 * tokens * (2 * frozen + 3 * adapters)
-    products = real_model.step_products("tiny", tokens)
-    assert sum(2 * p.m * p.k * p.n for p in products) == flops
+    sequences, length = 3, 10
+    tokens = sequences * length
+    query_dims = model.layers[0].self_attn.q_proj.weight.shape[0]  # heads x head_dim
+    per_layer = 6 * 2 * tokens * length * query_dims
+    flops = 2 * tokens * (2 * frozen + 3 * adapters) + len(model.layers) * per_layer
+    products = real_model.step_products("tiny", sequences, length)
+    assert sum(p.flop for p in products) == flops
     stored = {}  # a weight is one array however a product takes it
     for p in products:
         if p.weight is not None:
             shape = (p.k, p.n) if p.transposed else (p.n, p.k)
             assert stored.setdefault(p.weight, shape) == shape, p
-    assert real_model.step_gflop("tiny", tokens) * 1e9 == pytest.approx(flops)
+    assert real_model.step_gflop("tiny", sequences, length) * 1e9 == pytest.approx(flops)
 
 
 @pytest.mark.skipif("jax" not in peers.installed(), reason="jax is not installed")

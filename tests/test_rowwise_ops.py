@@ -241,17 +241,37 @@ def test_linear_cross_entropy_transforms():
             assert_close(g, e, mx.float32, k=66)
 
 
-@pytest.mark.parametrize("rows", [84, 85, 256, 257])
-def test_linear_cross_entropy_over_several_blocks_of_rows(rows):
-    """A vocabulary of 50,000 makes blocks of at most 83 rows (16 MB of logits): the
-    blocks, equal in size, give the values and gradients of one product."""
+@pytest.mark.parametrize(
+    "rows, vocab, transposed",
+    [(83, 50000, False), (84, 50000, False), (257, 50000, True), (4100, 3000, False)],
+)
+def test_linear_cross_entropy_over_several_blocks(rows, vocab, transposed):
+    """Blocks of logits hold at most 2^22 (16 MB): 84 rows of a 50,000 vocabulary take
+    two blocks of columns, 257 rows four, and 4,100 rows two blocks of rows. Later
+    columns have larger logits, so each row's max grows from block to block: the
+    blocks give the values and gradients of one product."""
     rng = np.random.default_rng(rows)
-    x, weight = rand(rng, (rows, 8)), rand(rng, (50000, 8))
-    targets = mx.array(rng.integers(0, 50000, size=(rows,)), dtype=mx.int32)
+    x = rand(rng, (rows, 8))
+    weight = rand(rng, (vocab, 8)) * mx.linspace(0.1, 3.0, vocab)[:, None]
+    if transposed:  # stored (d, V), as a tied embedding's transpose may be
+        weight = mx.contiguous(weight.T).T
+    targets = mx.array(rng.integers(0, vocab, size=(rows,)), dtype=mx.int32)
     got = mx.value_and_grad(lambda a: ops.linear_cross_entropy(a, weight, targets).sum())(x)
     ref = mx.value_and_grad(lambda a: reference.linear_cross_entropy(a, weight, targets).sum())
     for g, e, name in zip(got, ref(x), ("loss", "grad"), strict=True):
         assert_close(g, e, mx.float32, k=rows * 8, label=name)
+
+
+def test_linear_cross_entropy_of_large_logits():
+    """Logits hundreds apart (an untrained head): most exps underflow to 0, and the
+    loss and gradient are those of one product."""
+    rng = np.random.default_rng(5)
+    x, weight = rand(rng, (16, 64)) * 8, rand(rng, (3000, 64))
+    targets = mx.array(rng.integers(0, 3000, size=(16,)), dtype=mx.int32)
+    got = mx.value_and_grad(lambda a: ops.linear_cross_entropy(a, weight, targets).sum())(x)
+    ref = mx.value_and_grad(lambda a: reference.linear_cross_entropy(a, weight, targets).sum())
+    for g, e, name in zip(got, ref(x), ("loss", "grad"), strict=True):
+        assert_close(g, e, mx.float32, k=64, label=name)
 
 
 def test_linear_cross_entropy_holds_no_logits():

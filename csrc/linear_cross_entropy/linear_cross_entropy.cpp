@@ -1,6 +1,7 @@
 #include "linear_cross_entropy/linear_cross_entropy.h"
 
 #include <cmath>
+#include <memory>
 
 #include "blas.h"
 #include "cross_entropy/cross_entropy.h"
@@ -15,35 +16,50 @@ namespace {
   throw std::invalid_argument("[metapeft.linear_cross_entropy] " + msg);
 }
 
-// Each block of rows holds at most this many logits (16 MB in float32).
+// Each block of logits holds at most this many (16 MB in float32).
 constexpr int64_t kBlockLogits = 1 << 22;
+// A block is at least this many vocabulary columns wide (when it has many rows).
+constexpr int64_t kMinColumns = 1024;
 
-// Per row of `logits` (a block of rows, V wide): loss[r] = logsumexp - logits[t],
-// and logits[r] becomes softmax - onehot(t), the loss's gradient.
+// The running state of one row over the vocabulary blocks seen so far: their
+// largest logit, the sum of their exp(logit - max), and the target's logit.
+struct RowState {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.0f;
+  float picked = 0.0f;
+};
+
+// Per row of `logits` (a block of rows, `n` columns from vocabulary column v0):
+// folds the block into the row's state and turns it into exp(logit - new max);
+// the row's gradient so far, `grad` (d wide), is rescaled to that max.
 METAPEFT_SIMD_CLONES
-void loss_and_grad_rows(
+void fold_rows(
     float* logits,
     const int32_t* t,
-    float* loss,
+    RowState* state,
+    float* grad,
     int64_t begin,
     int64_t end,
-    int64_t V) {
+    int64_t n,
+    int64_t v0,
+    int64_t d) {
   for (int64_t r = begin; r < end; ++r) {
-    float* lr = logits + r * V;
-    int32_t target = t[r];
-    bool ok = target >= 0 && target < V;
-    float picked = ok ? lr[target] : 0.0f;
-    float m = scaled_max(lr, V, 1.0f);
-    float sum = exp_sum(lr, lr, V, 1.0f, m);
-    loss[r] = ok ? m + std::log(sum) - picked : std::numeric_limits<float>::quiet_NaN();
-    Vec inv = splat(1.0f / sum);
-    for (int64_t j = 0; j < V; j += kLanes) {
-      int64_t left = V - j;
-      store(lr + j, load(lr + j, left, 0.0f) * inv, left);
+    float* lr = logits + r * n;
+    RowState& st = state[r];
+    if (t[r] >= v0 && t[r] < v0 + n) {
+      st.picked = lr[t[r] - v0];
     }
-    if (ok) {
-      lr[target] -= 1.0f;
+    float m = std::max(st.max, scaled_max(lr, n, 1.0f));
+    if (m != st.max && st.sum != 0.0f) {
+      float factor = std::exp(st.max - m);
+      st.sum *= factor;
+      float* gr = grad + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        gr[j] *= factor;
+      }
     }
+    st.max = m;
+    st.sum += exp_sum(lr, lr, n, 1.0f, m);
   }
 }
 
@@ -106,6 +122,11 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
   if (rows == 0) {
     return;
   }
+  // Blocks of vocabulary columns, each taking every row (up to kBlockLogits /
+  // kMinColumns rows at a time): the weight is read, and packed by the BLAS, once,
+  // where blocks of rows would each read it whole. As in an online softmax, each
+  // row's max and sum carry from block to block, and row_grads gathers
+  // exp(logits - max) @ weight, rescaled when a row's max grows.
   encoder.dispatch([xo = operand(inputs[0]),
                     wo = operand(inputs[1]),
                     to = operand(inputs[2]),
@@ -118,26 +139,47 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
     const float* xp = dense_float(xo, sx);
     Mat w = as_mat(wo, false, sw);
     auto tp = static_cast<const int32_t*>(to.ptr);
-    // Blocks of equal rows: a last block of a few rows would read the whole weight
-    // for little work (two products of one row cost as much memory traffic as 85).
-    int64_t most = std::clamp<int64_t>(kBlockLogits / V, 1, rows);
-    int64_t blocks = (rows + most - 1) / most;
-    int64_t block = (rows + blocks - 1) / blocks;
-    std::vector<float> logits(block * V);
-    for (int64_t b = 0; b < rows; b += block) {
-      int64_t n = std::min(block, rows - b);
-      if (d > 0) {
-        blas::sgemm_shared(false, !w.trans, n, V, d, 1.0f, xp + b * d, d, w.data, w.ld, 0.0f,
-                           logits.data(), V);
-      } else {
-        std::fill(logits.begin(), logits.begin() + n * V, 0.0f);
+    // Weight rows v0.. (the columns v0.. of the logits), and row v alone.
+    auto weight_rows = [&](int64_t v0) { return w.data + (w.trans ? v0 : v0 * w.ld); };
+    int64_t stride = w.trans ? w.ld : 1;  // between the elements of a weight row
+    int64_t most_rows = std::min(rows, std::max<int64_t>(1, kBlockLogits / kMinColumns));
+    int64_t cols = std::clamp<int64_t>(kBlockLogits / most_rows, 1, V);
+    std::unique_ptr<float[]> logits(new float[most_rows * cols]);
+    std::vector<RowState> state(most_rows);
+    for (int64_t b = 0; b < rows; b += most_rows) {
+      int64_t n_rows = std::min(most_rows, rows - b);
+      float* grad = row_grads + b * d;
+      std::fill(grad, grad + n_rows * d, 0.0f);
+      std::fill(state.begin(), state.end(), RowState{});
+      for (int64_t v0 = 0; v0 < V; v0 += cols) {
+        int64_t n = std::min(cols, V - v0);
+        if (d > 0) {
+          blas::sgemm_shared(false, !w.trans, n_rows, n, d, 1.0f, xp + b * d, d,
+                             weight_rows(v0), w.ld, 0.0f, logits.get(), n);
+        } else {
+          std::fill(logits.get(), logits.get() + n_rows * n, 0.0f);
+        }
+        for_rows(n_rows, n, [&](int64_t begin, int64_t end) {
+          fold_rows(logits.get(), tp + b, state.data(), grad, begin, end, n, v0, d);
+        });
+        if (d > 0) {
+          blas::sgemm_shared(false, w.trans, n_rows, d, n, 1.0f, logits.get(), n,
+                             weight_rows(v0), w.ld, 1.0f, grad, d);
+        }
       }
-      for_rows(n, V, [&](int64_t begin, int64_t end) {
-        loss_and_grad_rows(logits.data(), tp + b, loss + b, begin, end, V);
-      });
-      if (d > 0) {
-        blas::sgemm_shared(false, w.trans, n, d, V, 1.0f, logits.data(), V, w.data, w.ld, 0.0f,
-                           row_grads + b * d, d);
+      // loss = logsumexp - the target's logit; row_grads = (softmax - onehot) @ weight.
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const RowState& st = state[r];
+        int32_t target = tp[b + r];
+        bool ok = target >= 0 && target < V;
+        loss[b + r] = ok ? st.max + std::log(st.sum) - st.picked
+                         : std::numeric_limits<float>::quiet_NaN();
+        float inv = 1.0f / st.sum;
+        float* gr = grad + r * d;
+        const float* wt = ok ? weight_rows(target) : nullptr;
+        for (int64_t j = 0; j < d; ++j) {
+          gr[j] = gr[j] * inv - (ok ? wt[j * stride] : 0.0f);
+        }
       }
     }
   });

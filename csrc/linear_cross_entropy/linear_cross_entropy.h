@@ -1,7 +1,8 @@
 // linear_cross_entropy(x, weight, targets): cross_entropy(x @ weight^T, targets),
 // the loss of a language model from its last hidden states and output layer,
-// without the (rows, V) logits: they are made and consumed a block of rows at a
-// time, and the loss's gradient with respect to x is made in the same pass.
+// without the (rows, V) logits: they are made and consumed a block of vocabulary
+// columns at a time, and the loss's gradient with respect to x is made in the same
+// pass.
 #pragma once
 
 #include "common.h"

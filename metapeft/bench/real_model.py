@@ -81,27 +81,34 @@ INNER_LR, OUTER_LR = 0.01, 1e-3
 
 
 class Product(NamedTuple):
-    """An ``m x k`` matrix times a ``k x n`` one. The second operand is the weight
-    ``weight``, stored ``(n, k)`` (or ``(k, n)`` and used transposed, when
-    ``transposed``), as :func:`metapeft.ops.linear` takes it; ``None`` if it is an
-    activation (an adapter's weight gradient)."""
+    """``batch`` products of an ``m x k`` matrix times a ``k x n`` one. The second
+    operand is the weight ``weight``, stored ``(n, k)`` (or ``(k, n)`` and used
+    transposed, when ``transposed``), as :func:`metapeft.ops.linear` takes it; ``None``
+    if it is an activation (an adapter's weight gradient, attention's products)."""
 
     m: int
     k: int
     n: int
     weight: str | None = None
     transposed: bool = False
+    batch: int = 1
+
+    @property
+    def flop(self) -> int:
+        return 2 * self.batch * self.m * self.k * self.n
 
 
-def step_products(shape: str, tokens: int) -> list[Product]:
-    """The matrix products of one LoRA forward and backward pass over ``tokens``
-    tokens, in order: each frozen product forward, the adapters' two products forward,
-    then, backward, each frozen weight's input gradient and the adapters' four
-    products. Attention's own products (about 2.5% of the FLOPs at 64 tokens a
-    sequence) are not among them."""
+def step_products(shape: str, sequences: int, length: int) -> list[Product]:
+    """The matrix products of one LoRA forward and backward pass over ``sequences``
+    sequences of ``length`` tokens, in order: each frozen product forward, the
+    adapters' two products forward and attention's two (per sequence and key-value
+    head, its query heads stacked); then, backward, each frozen weight's input
+    gradient, the adapters' four products and attention's four."""
     c = SHAPES[shape]
     d, hd, hidden = c["hidden_size"], c["head_dim"], c["intermediate_size"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    q, kv = heads * hd, kv_heads * hd
+    tokens = sequences * length
     block = {
         "q_proj": (d, q),
         "k_proj": (d, kv),
@@ -123,12 +130,21 @@ def step_products(shape: str, tokens: int) -> list[Product]:
         forward += [Product(tokens, d_in, RANK, a, True), Product(tokens, RANK, d_out, b, True)]
         backward += [Product(RANK, tokens, d_out), Product(tokens, d_out, RANK, b)]  # dB, d(xA)
         backward += [Product(d_in, tokens, RANK), Product(tokens, RANK, d_in, a)]  # dA, dx
+    rows, n = (heads // kv_heads) * length, sequences * kv_heads  # stacked queries, batch
+    for _ in range(c["num_hidden_layers"]):
+        forward += [Product(rows, hd, length, batch=n), Product(rows, length, hd, batch=n)]
+        backward += [
+            Product(rows, hd, length, batch=n),  # d(probs) = d(out) values^T
+            Product(length, rows, hd, batch=n),  # d(values) = probs^T d(out)
+            Product(rows, length, hd, batch=n),  # d(queries) = d(scores) keys
+            Product(length, rows, hd, batch=n),  # d(keys) = d(scores)^T queries
+        ]
     return forward + backward
 
 
-def step_gflop(shape: str, tokens: int) -> float:
+def step_gflop(shape: str, sequences: int, length: int) -> float:
     """GFLOP of :func:`step_products`: the roofline's numerator."""
-    return sum(2 * p.m * p.k * p.n for p in step_products(shape, tokens)) / 1e9
+    return sum(p.flop for p in step_products(shape, sequences, length)) / 1e9
 
 
 def _tokens(rows: int, length: int, vocab: int, seed: int) -> np.ndarray:
