@@ -40,8 +40,7 @@ constexpr int kMaxWorkers = 7;
 // How long a thread spins before it sleeps. Jobs come in runs, and waking a
 // sleeping thread (let alone an idle virtual CPU) takes tens of microseconds. In
 // a model's step the jobs are apart by MLX's own single-threaded ops, mostly
-// under 200 us: spinning that long made a SmolLM2-shape LoRA step 2.5% faster
-// than 50 us did (experiments/real_model_speed.py).
+// under 200 us.
 constexpr auto kSpin = std::chrono::microseconds(200);
 
 inline void cpu_relax() {
