@@ -4,6 +4,7 @@ import mlx.core as mx
 
 from metapeft import ops, reference
 from metapeft.bench import problems
+from metapeft.bench import runner as bench_runner
 from metapeft.bench.problems import size
 
 IMPLS = ["fused", "reference"]
@@ -88,3 +89,41 @@ class ReptileUpdate:
 
     def time_reptile_update(self, *_):
         mx.eval(self.fn(self.meta, self.adapted))
+
+
+class LinearCrossEntropy:
+    """A language model's loss from its last hidden states and tied output layer, and
+    the loss's gradient with respect to the hidden states: SmolLM2-135M's head (256
+    rows, d=576, a 49,152-word vocabulary), its logits about 1 or about 24 apart (a
+    random head's spread, and a wide one's). ``fused`` is ``linear_cross_entropy``,
+    ``unfused`` the same BLAS product and fused loss with the logits held
+    (``linear``, then ``cross_entropy``)."""
+
+    params = (["fused", "unfused"], [1.0, 24.0])
+    param_names = ["impl", "logit_spread"]
+
+    def setup(self, impl, logit_spread):
+        rows, dim, vocab = size((256, 576, 49152), (8, 16, 64))
+        keys = mx.random.split(mx.random.key(0), 3)
+        x = mx.random.normal((rows, dim), key=keys[0])
+        weight = mx.random.normal((vocab, dim), key=keys[1]) * (logit_spread / dim**0.5)
+        targets = mx.random.randint(0, vocab, (rows,), key=keys[2])
+        if impl == "fused":
+            loss = lambda a: ops.linear_cross_entropy(a, weight, targets)  # noqa: E731
+        else:
+            loss = lambda a: ops.cross_entropy(ops.linear(a, weight), targets)  # noqa: E731
+        grad = mx.value_and_grad(lambda a: loss(a).mean())
+        self.step = lambda: mx.eval(grad(x))
+        mx.eval(x, weight, targets)
+        self.step()
+
+    def time_loss_and_grad(self, *_):
+        self.step()
+
+    def track_peak_memory(self, *_):
+        runner = bench_runner.BenchmarkRunner("peak memory")
+        with runner.time_operation("loss_and_grad") as op:
+            self.step()
+        return op.peak_memory_bytes
+
+    track_peak_memory.unit = "bytes"

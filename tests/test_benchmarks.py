@@ -88,6 +88,8 @@ def test_every_asv_benchmark_runs_on_tiny_sizes():
         "LoRALinear.time_forward_backward",
         "TaskSGD.time_task_sgd",
         "ReptileUpdate.time_reptile_update",
+        "LinearCrossEntropy.time_loss_and_grad",
+        "LinearCrossEntropy.track_peak_memory",
         "SinusoidMetaStep.time_meta_step",
         "SinusoidMetaStep.track_peak_memory",
         "SinusoidMetaStep.track_meta_steps_per_second",

@@ -155,6 +155,19 @@ def test_cross_entropy_transforms():
         check_vmap(ops.cross_entropy, reference.cross_entropy, [lg, tg], [lg_axis, tg_axis])
 
 
+def test_cross_entropy_grad_of_logits_hundreds_apart():
+    """Most exps underflow and, scaled by a small incoming gradient, would come out
+    subnormal: they come out 0, and the gradient is the reference's."""
+    rng = np.random.default_rng(7)
+    logits = rand(rng, (4, 3000)) * 60
+    targets = mx.array(rng.integers(0, 3000, size=(4,)), dtype=mx.int32)
+    got = mx.grad(lambda lg: ops.cross_entropy(lg, targets).mean() / 256)(logits)
+    expected = mx.grad(lambda lg: reference.cross_entropy(lg, targets).mean() / 256)(logits)
+    assert_close(got, expected, mx.float32, k=3000)
+    magnitude = np.abs(np.array(got))
+    assert not np.any((magnitude > 0) & (magnitude < np.finfo(np.float32).tiny))
+
+
 @pytest.mark.parametrize("dtype", [mx.int8, mx.uint16, mx.int64])
 def test_cross_entropy_takes_any_integer_targets(dtype):
     logits = mx.array([[0.0, 1.0, 2.0]])

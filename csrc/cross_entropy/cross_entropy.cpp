@@ -61,9 +61,12 @@ void grad_rows(
     float sum = exp_sum(xr, nullptr, V, 1.0f, m);
     float shift = m + std::log(sum);
     float gr = g[r];
+    // Lanes whose product would come out subnormal come out 0 (see vec_exp).
+    Vec least = splat(std::numeric_limits<float>::min() / std::fabs(gr));
     for (int64_t j = 0; j < V; j += kLanes) {
       int64_t left = V - j;
-      store(dr + j, vec_exp(load(xr + j, left, 0.0f) - shift) * gr, left);
+      Vec e = vec_exp(load(xr + j, left, 0.0f) - shift);
+      store(dr + j, select(e < least, Vec{}, e) * gr, left);
     }
     int32_t target = t[r];
     if (target >= 0 && target < V) {
