@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -133,14 +134,14 @@ METAPEFT_INLINE float exp_sum(const float* x, float* y, int64_t n, float scale, 
   return sum;
 }
 
-// y[j] *= inv for j < n, for exps y[j] (each at most 1) whose sum is 1 / inv; those
-// that would come out subnormal come out 0 instead, for the reason vec_exp gives.
-METAPEFT_INLINE void normalize(float* y, int64_t n, float inv) {
-  Vec least = splat(std::numeric_limits<float>::min() / inv);
+// y[j] *= s for j < n; those that would come out subnormal come out 0 instead, for
+// the reason vec_exp gives.
+METAPEFT_INLINE void scale_to_normal(float* y, int64_t n, float s) {
+  Vec least = splat(std::numeric_limits<float>::min() / std::fabs(s));
   for (int64_t j = 0; j < n; j += kLanes) {
     int64_t left = n - j;
     Vec v = load(y + j, left, 0.0f);
-    store(y + j, select(v < least, Vec{}, v) * inv, left);
+    store(y + j, select(v < least, Vec{}, v) * s, left);
   }
 }
 

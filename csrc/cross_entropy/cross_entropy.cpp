@@ -58,16 +58,8 @@ void grad_rows(
     const float* xr = x + r * V;
     float* dr = d + r * V;
     float m = scaled_max(xr, V, 1.0f);
-    float sum = exp_sum(xr, nullptr, V, 1.0f, m);
-    float shift = m + std::log(sum);
     float gr = g[r];
-    // Lanes whose product would come out subnormal come out 0 (see vec_exp).
-    Vec least = splat(std::numeric_limits<float>::min() / std::fabs(gr));
-    for (int64_t j = 0; j < V; j += kLanes) {
-      int64_t left = V - j;
-      Vec e = vec_exp(load(xr + j, left, 0.0f) - shift);
-      store(dr + j, select(e < least, Vec{}, e) * gr, left);
-    }
+    scale_to_normal(dr, V, gr / exp_sum(xr, dr, V, 1.0f, m));
     int32_t target = t[r];
     if (target >= 0 && target < V) {
       dr[target] -= gr;

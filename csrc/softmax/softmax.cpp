@@ -38,7 +38,7 @@ void softmax_rows(
     int64_t seen = causal ? std::clamp<int64_t>(r % L + S - L + 1, 0, S) : S;
     if (seen > 0) {
       float m = scaled_max(xr, seen, scale);
-      normalize(yr, seen, 1.0f / exp_sum(xr, yr, seen, scale, m));
+      scale_to_normal(yr, seen, 1.0f / exp_sum(xr, yr, seen, scale, m));
     }
     std::fill(yr + seen, yr + S, 0.0f);
   }
