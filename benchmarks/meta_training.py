@@ -28,10 +28,7 @@ class _MetaStep:
         self.step()
 
     def track_peak_memory(self, *_):
-        runner = bench_runner.BenchmarkRunner("peak memory")
-        with runner.time_operation("meta_step") as op:
-            self.step()
-        return op.peak_memory_bytes
+        return bench_runner.peak_memory(self.step)
 
     track_peak_memory.unit = "bytes"
 

@@ -121,9 +121,6 @@ class LinearCrossEntropy:
         self.step()
 
     def track_peak_memory(self, *_):
-        runner = bench_runner.BenchmarkRunner("peak memory")
-        with runner.time_operation("loss_and_grad") as op:
-            self.step()
-        return op.peak_memory_bytes
+        return bench_runner.peak_memory(self.step)
 
     track_peak_memory.unit = "bytes"

@@ -251,6 +251,13 @@ class BenchmarkRunner:
         return save_png(fig, path)
 
 
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """MLX's peak memory, in bytes, over one call of ``fn``, which evaluates its work."""
+    with BenchmarkRunner("peak memory").time_operation("call") as op:
+        fn()
+    return op.peak_memory_bytes
+
+
 def _key(label: str, params: dict[str, Any]) -> tuple[str, str]:
     return label, json.dumps(params, sort_keys=True, default=str)
 
