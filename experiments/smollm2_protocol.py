@@ -11,9 +11,10 @@
 Each task's 16 examples split into 8 support (the fine-tuning data) and 8 query (the
 evaluation). After k steps the query loss (mean token cross-entropy of the completions,
 mlx-lm's ``default_loss``) and the exact match of greedy generations are recorded. For
-each init and each k, Adam's learning rate is chosen on the validation task types from a
-grid that grows until the best value is inside it; the test task types then report at
-that rate, over the test tasks and the meta-training seeds.
+each init, one Adam learning rate is chosen on the validation task types, by the query
+loss after ``max(KS)`` steps, from a grid that grows until the best value is inside it;
+the test task types then report at that rate for every k, over the test tasks and the
+meta-training seeds.
 
 Every unit of work (a meta-training run, a multitask run, one adaptation curve) is
 recorded in ``WORK/units.jsonl`` when done, so a rerun continues where the last stopped.
