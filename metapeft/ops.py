@@ -253,9 +253,9 @@ def linear_cross_entropy(
     softmax), and the gradient with respect to ``x`` is made in the same pass (so
     the forward pass costs two products, the backward pass none): a 49,152-word
     vocabulary over 256 rows holds 16 MB instead of the logits' 50 MB and their
-    gradient's 50 MB. The
-    gradient with respect to ``weight``, and second order, hold the logits, as the
-    unfused ops do. Masking is the caller's: multiply the result by a mask.
+    gradient's 50 MB. The gradient with respect to ``weight``, and second order, hold
+    the logits, as the unfused ops do. Masking is the caller's: multiply the result
+    by a mask.
 
     Args:
         x: ``(..., d)``, float32, float16 or bfloat16.

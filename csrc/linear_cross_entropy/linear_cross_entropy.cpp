@@ -139,9 +139,10 @@ void LinearCrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vec
     const float* xp = dense_float(xo, sx);
     Mat w = as_mat(wo, false, sw);
     auto tp = static_cast<const int32_t*>(to.ptr);
-    // Weight rows v0.. (the columns v0.. of the logits), and row v alone.
+    // The weight's rows from v0 on (the logits' columns from v0 on), and the step
+    // between the elements of one weight row.
     auto weight_rows = [&](int64_t v0) { return w.data + (w.trans ? v0 : v0 * w.ld); };
-    int64_t stride = w.trans ? w.ld : 1;  // between the elements of a weight row
+    int64_t stride = w.trans ? w.ld : 1;
     int64_t most_rows = std::min(rows, std::max<int64_t>(1, kBlockLogits / kMinColumns));
     int64_t cols = std::clamp<int64_t>(kBlockLogits / most_rows, 1, V);
     std::unique_ptr<float[]> logits(new float[most_rows * cols]);
